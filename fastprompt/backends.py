@@ -1,0 +1,220 @@
+"""Backend registry and selection.
+
+Every op has one implementation per backend:
+
+  reference  pure PyTorch, any device, the specification (fastprompt.reference)
+  triton     Triton kernels (fastprompt.kernels): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+  cuda       the compiled extension fastprompt._C: CUDA tensors
+
+A call picks its backend from, most specific first: the call's `backend=` argument, the module's
+`backend` attribute, the innermost `with fastprompt.backend(...)` block, `fastprompt.set_backend(...)`,
+the FASTPROMPT_BACKEND environment variable (read at import). "auto" at any of these levels means "no
+preference here" and defers to the next one; when nothing is pinned, `auto` takes the first backend of
+`AUTO_ORDER` that can serve the inputs. On CPU tensors that is always `reference`: the Triton
+interpreter is a debugging and testing tool, never a fast path, so `auto` does not pick it.
+
+A backend that is asked for and cannot serve the inputs raises `BackendUnavailableError` saying why.
+There is no silent fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+AUTO = "auto"
+ENV_VAR = "FASTPROMPT_BACKEND"
+OPS = ("cmpa", "dafe", "insert_prompts")
+
+# Order in which `auto` tries the backends on CUDA tensors, fastest first. The CUDA C++ CMPA is a
+# single cooperative launch; the Triton one needs several. To be revised from benches/results/.
+AUTO_ORDER = ("cuda", "triton", "reference")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend that was asked for cannot serve the inputs at hand; the message says why."""
+
+
+@dataclass(frozen=True)
+class OpImpl:
+    """One backend's implementation of one op: its raw forward and backward custom ops.
+
+    `supports(problem)` returns None when the backend can serve the problem (a dict of shapes, dtype,
+    and op options, see each op's `_problem`) or a sentence saying why not.
+    """
+
+    op: str
+    backend: str
+    forward: Callable
+    backward: Callable
+    supports: Callable[[dict], Optional[str]]
+
+
+def _always(problem: dict) -> Optional[str]:
+    return None
+
+
+_impls: dict[tuple[str, str], OpImpl] = {}
+
+
+def register_impl(op: str, backend: str, forward: Callable, backward: Callable,
+                  supports: Callable[[dict], Optional[str]] = _always) -> None:
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops are {OPS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS}")
+    _impls[(op, backend)] = OpImpl(op, backend, forward, backward, supports)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading the optional backends. Each loads at most once; the reason of a failure is kept for the
+# error messages and for `fastprompt info`.
+
+_load_errors: dict[str, Optional[str]] = {"reference": None}
+
+
+def _load_triton() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    try:
+        importlib.import_module("fastprompt.kernels")
+    except ImportError as exc:
+        return f"fastprompt.kernels failed to import: {exc}"
+    return None
+
+
+def _load_cuda() -> Optional[str]:
+    from . import _extension
+
+    return _extension.load()
+
+
+def load_error(backend: str) -> Optional[str]:
+    """Why `backend` cannot be loaded on this machine at all, or None when it loaded."""
+    if backend not in _load_errors:
+        _load_errors[backend] = {"triton": _load_triton, "cuda": _load_cuda}[backend]()
+    return _load_errors[backend]
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def device_unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why `backend` cannot run on `device` here, whatever the op, or None."""
+    if backend == "reference":
+        return None
+    reason = load_error(backend)
+    if reason is not None:
+        return reason
+    if backend == "triton":
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpret():
+            return None
+        if device.type == "cpu":
+            return "the tensors are on the CPU: Triton needs CUDA tensors, or TRITON_INTERPRET=1 set before import"
+        return f"Triton does not run on {device.type} tensors"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the tensors are on {device.type}: the cuda backend needs CUDA tensors"
+        return None
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def unavailable_reason(op: str, backend: str, device: torch.device, problem: Optional[dict] = None) -> Optional[str]:
+    """Why `backend` cannot run `op` on `device` for `problem` (None: it can)."""
+    reason = device_unavailable_reason(backend, device)
+    if reason is not None:
+        return reason
+    impl = _impls.get((op, backend))
+    if impl is None:
+        return f"this version of fastprompt has no {backend} implementation of {op}"
+    if problem is not None:
+        return impl.supports(problem)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection state
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS + (AUTO,):
+        raise ValueError(f"{what} must be one of {BACKENDS + (AUTO,)}, got {name!r}")
+    return name
+
+
+_env_choice = os.environ.get(ENV_VAR, AUTO).strip().lower() or AUTO
+if _env_choice not in BACKENDS + (AUTO,):
+    raise ValueError(f"{ENV_VAR}={_env_choice!r} is not one of {BACKENDS + (AUTO,)}")
+_global_choice: Optional[str] = None
+_local = threading.local()
+
+
+def _stack() -> list:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Set the process-wide backend (None: back to FASTPROMPT_BACKEND, else auto)."""
+    global _global_choice
+    _global_choice = None if name is None else _check_name(name, "set_backend(name)")
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Use `name` for every op called inside the block (unless a call or module pins another)."""
+    stack = _stack()
+    stack.append(_check_name(name, "fastprompt.backend(name)"))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def current_backend() -> str:
+    """The backend in force here when neither the call nor the module pins one."""
+    stack = _stack()
+    if stack:
+        return stack[-1]
+    if _global_choice is not None:
+        return _global_choice
+    return _env_choice
+
+
+def select(op: str, requested: str, device: torch.device, problem: dict) -> OpImpl:
+    """The implementation that runs `op` for a call that asked for `requested`."""
+    name = _check_name(requested, "backend")
+    if name == AUTO:
+        name = current_backend()
+    if name != AUTO:
+        reason = unavailable_reason(op, name, device, problem)
+        if reason is not None:
+            raise BackendUnavailableError(f"fastprompt: backend {name!r} cannot run {op} here: {reason}")
+        return _impls[(op, name)]
+    if device.type == "cuda":
+        for candidate in AUTO_ORDER:
+            if unavailable_reason(op, candidate, device, problem) is None:
+                return _impls[(op, candidate)]
+    return _impls[(op, "reference")]
+
+
+def available_backends(op: Optional[str] = None, device: Optional[torch.device | str] = None) -> list[str]:
+    """Backends that can run `op` (every op when None) on `device` (default: cuda if present, else cpu)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    ops = OPS if op is None else (op,)
+    return [b for b in BACKENDS if all(unavailable_reason(o, b, device) is None for o in ops)]

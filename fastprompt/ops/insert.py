@@ -1,0 +1,120 @@
+"""Prompt insertion fused with LayerNorm: input checks, the autograd Function over the backends' raw
+ops, and the functional form. The math is in fastprompt/reference/insert.py."""
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .. import _validation as v
+from ..backends import _impls, select
+from ..reference.insert import MODES, out_len
+
+OP = "insert_prompts"
+
+
+class InsertPromptsFunction(torch.autograd.Function):
+    """Prompt insertion through one backend's `fastprompt::insert_prompts_{fwd,bwd}_<backend>` pair."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, prompts: Tensor, starts: Optional[Tensor], ln_weight: Optional[Tensor],
+                ln_bias: Optional[Tensor], backend: str, start: int, eps: float, mode: str):
+        y, y_ln, saved = _impls[("insert_prompts", backend)].forward(x, prompts, start, starts, ln_weight, ln_bias,
+                                                                     eps, mode)
+        ctx.save_for_backward(x, prompts, starts, ln_weight, ln_bias, *saved)
+        ctx.config = (backend, start, eps, mode)
+        ctx.set_materialize_grads(False)
+        if ln_weight is None and ln_bias is None:
+            ctx.mark_non_differentiable(y_ln)
+        return y, y_ln
+
+    @staticmethod
+    def backward(ctx, grad_y: Optional[Tensor], grad_y_ln: Optional[Tensor]):
+        backend, start, eps, mode = ctx.config
+        x, prompts, starts, ln_weight, ln_bias, *saved = ctx.saved_tensors
+        if grad_y is None and grad_y_ln is None:
+            return (None,) * 9
+        if grad_y_ln is not None and grad_y_ln.numel() == 0:  # the placeholder of a LayerNorm-free call
+            grad_y_ln = None
+        dx, dprompts, dln = _impls[("insert_prompts", backend)].backward(
+            grad_y, grad_y_ln, x, prompts, start, starts, ln_weight, ln_bias, saved, eps, mode)
+        dln = list(dln)
+        dw = dln.pop(0) if ln_weight is not None else None
+        db = dln.pop(0) if ln_bias is not None else None
+        return dx, dprompts, None, dw, db, None, None, None, None
+
+
+def _check_start(start, n: int, length: int, m: int, mode: str, device: torch.device):
+    """Returns (int start, per-sequence starts or None)."""
+    hi = length - m if mode == "replace" else length
+    rule = (f"0 <= start <= L - M = {hi} for mode 'replace'" if mode == "replace"
+            else f"0 <= start <= L = {hi} for mode 'insert'")
+    if isinstance(start, bool):
+        raise TypeError(f"{OP}: start must be an int or an int64 tensor of shape (N,), got a bool")
+    if isinstance(start, int):
+        if not 0 <= start <= hi:
+            raise ValueError(f"{OP}: start={start} is out of range: {rule}")
+        return start, None
+    if not isinstance(start, Tensor):
+        raise TypeError(f"{OP}: start must be an int or an int64 tensor of shape (N,), got {type(start).__name__}")
+    if start.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{OP}: a start tensor must be int64 (or int32), got {start.dtype}")
+    v.check_shape(OP, "start", start, (n,), why="one offset per sequence")
+    if start.device != device:
+        raise ValueError(f"{OP}: start is on {start.device} but x is on {device}")
+    # Range check on the host (a device sync on CUDA); torch.compile traces without it.
+    if not torch.compiler.is_compiling():
+        lo_val, hi_val = int(start.min()), int(start.max())
+        if lo_val < 0 or hi_val > hi:
+            raise ValueError(f"{OP}: start holds offsets from {lo_val} to {hi_val}, out of range: {rule}")
+    return 0, start.to(torch.int64)
+
+
+def insert_prompts(x: Tensor, prompts: Tensor, start: Union[int, Tensor], ln_weight: Optional[Tensor] = None,
+                   ln_bias: Optional[Tensor] = None, eps: float = 1e-5, mode: str = "replace", *,
+                   backend: str = "auto") -> tuple[Tensor, Optional[Tensor]]:
+    """Write prompt rows into a batch-first residual stream and apply the block's LayerNorm in one pass.
+
+    Args:
+        x: (N, L, D) residual stream. Any strides.
+        prompts: (M, D) shared by all N sequences, or (N, M, D).
+        start: first prompt row, an int or an int64 tensor (N,) of per-sequence offsets.
+        ln_weight, ln_bias: (D,) the LayerNorm to apply to y (for example the block's ln_1); with
+            neither given, no LayerNorm is computed and y_ln is None.
+        eps: LayerNorm epsilon.
+        mode: "replace" (rows [start, start+M) are overwritten, L unchanged) or "insert" (the prompts
+            are inserted before row `start`, L grows by M).
+        backend: "auto", "reference", "triton" or "cuda".
+
+    Returns:
+        (y, y_ln): the new stream (N, L or L+M, D) and its LayerNorm (None without LayerNorm parameters).
+    """
+    v.check_tensor(OP, "x", x, 3, "(N, L, D) batch first")
+    v.check_tensor(OP, "prompts", prompts, (2, 3), "(M, D) or (N, M, D)")
+    if mode not in MODES:
+        raise ValueError(f"{OP}: mode must be one of {MODES}, got {mode!r}")
+    n, length, d = x.shape
+    m = prompts.shape[-2]
+    if prompts.shape[-1] != d:
+        raise ValueError(f"{OP}: prompts have width {prompts.shape[-1]} but x has width {d}")
+    if prompts.dim() == 3 and prompts.shape[0] != n:
+        raise ValueError(f"{OP}: per-sequence prompts have N={prompts.shape[0]} but x has N={n}")
+    v.check_nonempty(OP, [("x", x), ("prompts", prompts)])
+    if mode == "replace" and m > length:
+        raise ValueError(f"{OP}: cannot replace M={m} rows of a stream of length L={length}")
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t is not None:
+            v.check_tensor(OP, name, t)
+            v.check_shape(OP, name, t, (d,), why=f"LayerNorm over width {d}")
+    named = v.present([("x", x), ("prompts", prompts), ("ln_weight", ln_weight), ("ln_bias", ln_bias)])
+    device = v.check_same_device(OP, named)
+    start, starts = _check_start(start, n, length, m, mode, device)
+    x, prompts, ln_weight, ln_bias = v.cast_floating([x, prompts, ln_weight, ln_bias], v.autocast_dtype(device))
+    dtype = v.check_dtypes(OP, v.present([("x", x), ("prompts", prompts), ("ln_weight", ln_weight),
+                                          ("ln_bias", ln_bias)]))
+    problem = dict(dtype=dtype, n=n, l=length, l_out=out_len(length, m, mode), m=m, d=d, mode=mode,
+                   shared_prompts=prompts.dim() == 2, per_sequence_start=starts is not None,
+                   layer_norm=ln_weight is not None or ln_bias is not None)
+    impl = select("insert_prompts", backend, device, problem)
+    y, y_ln = InsertPromptsFunction.apply(x, prompts, starts, ln_weight, ln_bias, impl.backend, start, eps, mode)
+    return y, (y_ln if problem["layer_norm"] else None)

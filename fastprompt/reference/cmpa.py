@@ -1,0 +1,193 @@
+"""Cross-modal prompt attention (CMPA), reference implementation: the specification of the op.
+
+Math (DESIGN.md, op 1). V visual (M, B, Dv), T text (M, C, Dt); the text side mirrors the visual side:
+  1. pool over B (resp. C): mean, first (index 0) or max         V̄ (M, Dv), T̄ (M, Dt)
+  2. a = LN1v(proj_t2v(T̄)), b = LN1v(V̄)                       (one LN1v for both)
+  3. V' = V̄ + MHA_v(query=a, key=b, value=b)                    (scale 1/√(Dv/Hv), no mask)
+  4. V'' = V' + MLP_v(LN2v(V'))                                  (MLP: c_proj(QuickGELU(c_fc(·))))
+  5. T'' likewise, with proj_v2t(V̄) as the query source: the pooled input V̄, not V''
+  6. V'' and T'' are broadcast back over B and C by the caller (stride-0 views)
+
+The raw ops compute in fp32 for fp16 / bf16 / fp32 inputs (fp64 for fp64) and round the results to the
+input dtype. `cmpa_fwd_reference` returns V'' and T'' as (M, D) rows plus what the backward needs;
+`cmpa_bwd_reference` takes the upstream gradients at the broadcast shape (M, B, Dv) and (M, C, Dt),
+reduces them over B and C, and returns the input and parameter gradients.
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from ._math import (attention_bwd, attention_fwd, compute_dtype, layer_norm_bwd, layer_norm_fwd, linear,
+                    linear_bwd, no_autocast, quick_gelu, quick_gelu_bwd)
+
+FUSINGS = ("mean", "first", "max")
+
+
+class CMPASideParams(NamedTuple):
+    """The parameters of one side of CMPA, in the order the raw ops take them.
+
+    Visual side: `proj` is proj_t2v (Linear Dt → Dv), the rest are the *_visual layers.
+    Text side: `proj` is proj_v2t (Linear Dv → Dt), the rest are the *_text layers.
+    """
+
+    proj_weight: Tensor      # (D, D_other)
+    proj_bias: Tensor        # (D,)
+    ln1_weight: Tensor       # (D,)   ln_pa_1
+    ln1_bias: Tensor         # (D,)
+    in_proj_weight: Tensor   # (3D, D) rows: query, key, value
+    in_proj_bias: Tensor     # (3D,)
+    out_proj_weight: Tensor  # (D, D)
+    out_proj_bias: Tensor    # (D,)
+    ln2_weight: Tensor       # (D,)   ln_pa_2
+    ln2_bias: Tensor         # (D,)
+    fc_weight: Tensor        # (F, D) mlp c_fc, F = 4D in CLIP
+    fc_bias: Tensor          # (F,)
+    cproj_weight: Tensor     # (D, F) mlp c_proj
+    cproj_bias: Tensor       # (D,)
+
+
+N_SIDE_PARAMS = len(CMPASideParams._fields)
+
+
+# ---- pooling over the batch (visual) or class (text) dimension ---------------------------------
+
+def pool(x: Tensor, fusing: str, cd: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(M, N, D) → (M, D) in the compute dtype, and the argmax indices for `max` (else empty)."""
+    empty = torch.empty(0, dtype=torch.int64, device=x.device)
+    if fusing == "mean":
+        return torch.mean(x, dim=1, dtype=cd), empty
+    if fusing == "first":
+        return x[:, 0].to(cd, copy=True), empty  # a copy: op outputs never alias inputs
+    values, idx = torch.max(x, dim=1)  # first index of the maximum, ties included
+    return values.to(cd), idx
+
+
+def pool_bwd(dpooled: Tensor, x: Tensor, fusing: str, idx: Tensor) -> Tensor:
+    """Gradient of the pooling: (M, D) → (M, N, D) in x's dtype."""
+    m, n, d = x.shape
+    if fusing == "mean":
+        return (dpooled / n).unsqueeze(1).expand(m, n, d).to(x.dtype).contiguous()
+    dx = torch.zeros(m, n, d, dtype=dpooled.dtype, device=dpooled.device)
+    if fusing == "first":
+        dx[:, 0] = dpooled
+    else:
+        dx.scatter_(1, idx.unsqueeze(1), dpooled.unsqueeze(1))
+    return dx.to(x.dtype)
+
+
+# ---- one side: query from the other modality, keys and values from this one -----------------
+
+def side_forward(xbar: Tensor, other_bar: Tensor, p: CMPASideParams, n_head: int, eps: float):
+    """Returns this side's output rows (M, D) and the intermediates its backward needs."""
+    d = xbar.shape[-1]
+    wq, wk, wv = p.in_proj_weight.split(d)
+    bq, bk, bv = p.in_proj_bias.split(d)
+    proj = linear(other_bar, p.proj_weight, p.proj_bias)
+    a, mean_a, rstd_a = layer_norm_fwd(proj, p.ln1_weight, p.ln1_bias, eps)
+    b, mean_b, rstd_b = layer_norm_fwd(xbar, p.ln1_weight, p.ln1_bias, eps)
+    q, k, v = linear(a, wq, bq), linear(b, wk, bk), linear(b, wv, bv)
+    o, probs = attention_fwd(q, k, v, n_head)
+    x1 = xbar + linear(o, p.out_proj_weight, p.out_proj_bias)
+    c, mean_c, rstd_c = layer_norm_fwd(x1, p.ln2_weight, p.ln2_bias, eps)
+    h = linear(c, p.fc_weight, p.fc_bias)
+    g = quick_gelu(h)
+    out = x1 + linear(g, p.cproj_weight, p.cproj_bias)
+    cache = dict(proj=proj, mean_a=mean_a, rstd_a=rstd_a, a=a, mean_b=mean_b, rstd_b=rstd_b, b=b, q=q, k=k, v=v,
+                 o=o, probs=probs, x1=x1, mean_c=mean_c, rstd_c=rstd_c, c=c, h=h, g=g)
+    return out, cache
+
+
+def side_backward(dout: Tensor, xbar: Tensor, other_bar: Tensor, p: CMPASideParams, n_head: int, eps: float):
+    """Returns dV̄ (this side's pooled input), dŌ (the other side's pooled input, through proj) and the
+    parameter gradients as a CMPASideParams. Recomputes the forward intermediates (they are tiny)."""
+    d = xbar.shape[-1]
+    wq, wk, wv = p.in_proj_weight.split(d)
+    _, f = side_forward(xbar, other_bar, p, n_head, eps)
+    # MLP residual branch: out = x1 + c_proj(g(c_fc(LN2(x1))))
+    dg, dw_cproj, db_cproj = linear_bwd(dout, f["g"], p.cproj_weight)
+    dh = quick_gelu_bwd(dg, f["h"])
+    dc, dw_fc, db_fc = linear_bwd(dh, f["c"], p.fc_weight)
+    dx1_ln, dw_ln2, db_ln2 = layer_norm_bwd(dc, f["x1"], f["mean_c"], f["rstd_c"], p.ln2_weight)
+    dx1 = dout + dx1_ln
+    # attention residual branch: x1 = V̄ + out_proj(MHA(q, k, v))
+    do, dw_out, db_out = linear_bwd(dx1, f["o"], p.out_proj_weight)
+    dq, dk, dv = attention_bwd(do, f["q"], f["k"], f["v"], f["probs"], n_head)
+    da, dwq, dbq = linear_bwd(dq, f["a"], wq)
+    db_from_k, dwk, dbk = linear_bwd(dk, f["b"], wk)
+    db_from_v, dwv, dbv = linear_bwd(dv, f["b"], wv)
+    # LN1 is applied twice (query source and key/value source): its affine gradients add up
+    dproj, dw_ln1_a, db_ln1_a = layer_norm_bwd(da, f["proj"], f["mean_a"], f["rstd_a"], p.ln1_weight)
+    dxbar_ln, dw_ln1_b, db_ln1_b = layer_norm_bwd(db_from_k + db_from_v, xbar, f["mean_b"], f["rstd_b"], p.ln1_weight)
+    dother, dw_proj, db_proj = linear_bwd(dproj, other_bar, p.proj_weight)
+    grads = CMPASideParams(
+        dw_proj, db_proj, dw_ln1_a + dw_ln1_b, db_ln1_a + db_ln1_b,
+        torch.cat([dwq, dwk, dwv]), torch.cat([dbq, dbk, dbv]), dw_out, db_out,
+        dw_ln2, db_ln2, dw_fc, db_fc, dw_cproj, db_cproj,
+    )
+    return dx1 + dxbar_ln, dother, grads
+
+
+# ---- the raw ops --------------------------------------------------------------------------------
+
+def _upcast(params: list[Tensor], cd: torch.dtype) -> CMPASideParams:
+    return CMPASideParams(*(t.to(cd) for t in params))
+
+
+@torch.library.custom_op("fastprompt::cmpa_fwd_reference", mutates_args=())
+def cmpa_fwd_reference(visual: Tensor, text: Tensor, visual_params: list[Tensor], text_params: list[Tensor],
+                       n_head_visual: int, n_head_text: int, fusing: str, eps: float
+                       ) -> tuple[Tensor, Tensor, list[Tensor]]:
+    with no_autocast(visual.device):
+        cd = compute_dtype(visual.dtype)
+        vbar, vidx = pool(visual, fusing, cd)
+        tbar, tidx = pool(text, fusing, cd)
+        out_v, _ = side_forward(vbar, tbar, _upcast(visual_params, cd), n_head_visual, eps)
+        out_t, _ = side_forward(tbar, vbar, _upcast(text_params, cd), n_head_text, eps)
+    return out_v.to(visual.dtype), out_t.to(text.dtype), [vbar, tbar, vidx, tidx]
+
+
+@cmpa_fwd_reference.register_fake
+def _(visual, text, visual_params, text_params, n_head_visual, n_head_text, fusing, eps):
+    m, _, dv = visual.shape
+    dt = text.shape[2]
+    cd = compute_dtype(visual.dtype)
+    idx_v = visual.new_empty((m, dv) if fusing == "max" else (0,), dtype=torch.int64)
+    idx_t = text.new_empty((m, dt) if fusing == "max" else (0,), dtype=torch.int64)
+    return (visual.new_empty(m, dv), text.new_empty(m, dt),
+            [visual.new_empty((m, dv), dtype=cd), text.new_empty((m, dt), dtype=cd), idx_v, idx_t])
+
+
+@torch.library.custom_op("fastprompt::cmpa_bwd_reference", mutates_args=())
+def cmpa_bwd_reference(grad_visual_out: Optional[Tensor], grad_text_out: Optional[Tensor], visual: Tensor,
+                       text: Tensor, visual_params: list[Tensor], text_params: list[Tensor], saved: list[Tensor],
+                       n_head_visual: int, n_head_text: int, fusing: str, eps: float
+                       ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+    with no_autocast(visual.device):
+        vbar, tbar, vidx, tidx = saved
+        cd = vbar.dtype
+        pv, pt = _upcast(visual_params, cd), _upcast(text_params, cd)
+        dvbar, dtbar = torch.zeros_like(vbar), torch.zeros_like(tbar)
+        grads_v = [torch.zeros_like(t) for t in pv]
+        grads_t = [torch.zeros_like(t) for t in pt]
+        if grad_visual_out is not None:  # the broadcast over B is summed back here
+            dv_own, dt_cross, grads_v = side_backward(grad_visual_out.sum(1, dtype=cd), vbar, tbar, pv,
+                                                      n_head_visual, eps)
+            dvbar, dtbar = dvbar + dv_own, dtbar + dt_cross
+        if grad_text_out is not None:
+            dt_own, dv_cross, grads_t = side_backward(grad_text_out.sum(1, dtype=cd), tbar, vbar, pt,
+                                                      n_head_text, eps)
+            dvbar, dtbar = dvbar + dv_cross, dtbar + dt_own
+        dvisual, dtext = pool_bwd(dvbar, visual, fusing, vidx), pool_bwd(dtbar, text, fusing, tidx)
+    return (dvisual, dtext,
+            [g.to(p.dtype) for g, p in zip(grads_v, visual_params)],
+            [g.to(p.dtype) for g, p in zip(grads_t, text_params)])
+
+
+@cmpa_bwd_reference.register_fake
+def _(grad_visual_out, grad_text_out, visual, text, visual_params, text_params, saved, n_head_visual, n_head_text,
+      fusing, eps):
+    return (torch.empty_like(visual, memory_format=torch.contiguous_format),
+            torch.empty_like(text, memory_format=torch.contiguous_format),
+            [torch.empty_like(p) for p in visual_params], [torch.empty_like(p) for p in text_params])

@@ -1,0 +1,103 @@
+"""Deep Adaptive Feature Enhancement (DAFE) layer fusion, reference implementation (DESIGN.md, op 2).
+
+  prev (N, M, D)   the previous block's output at the prompt rows (instance level)
+  task (M, D) or (N, M, D)   the fresh learnable prompt of this block (task level)
+
+  gate modes "channel" (k = D) and "token" (k = 1):
+    h    = LayerNorm(prev; ln_weight, ln_bias, eps)
+    z    = h W_gᵀ + b_g + task U_gᵀ            (N, M, k)
+    gate = σ(z)                                 (a token gate is broadcast over D)
+  gate mode "scalar":
+    gate = σ(α)                                 (no LayerNorm, one learnable scalar)
+  out = gate·prev + (1 − gate)·task = task + gate·(prev − task)
+
+Parameter lists, in the order the raw ops take and return them:
+  channel / token: [ln_weight (D), ln_bias (D), gate_prev_weight W_g (k, D), gate_prev_bias b_g (k),
+                    gate_task_weight U_g (k, D)]
+  scalar:          [alpha ()]
+"""
+
+import torch
+from torch import Tensor
+
+from ._math import compute_dtype, layer_norm_bwd, layer_norm_fwd, linear, linear_bwd, no_autocast
+
+GATES = ("channel", "token", "scalar")
+
+
+def dafe_forward(prev: Tensor, task: Tensor, params: list[Tensor], gate: str, eps: float):
+    """Returns out and the gate (N, M, k), both in the dtype of the inputs given (the compute dtype)."""
+    if gate == "scalar":
+        (alpha,) = params
+        g = torch.sigmoid(alpha).reshape(1, 1, 1)
+        return task + g * (prev - task), g
+    ln_w, ln_b, w_prev, b_prev, w_task = params
+    h, _, _ = layer_norm_fwd(prev, ln_w, ln_b, eps)
+    g = torch.sigmoid(linear(h, w_prev, b_prev) + linear(task, w_task, None))
+    return task + g * (prev - task), g
+
+
+def dafe_backward(dout: Tensor, prev: Tensor, task: Tensor, params: list[Tensor], gate: str, eps: float):
+    """Returns dprev (N, M, D), dtask (task's shape) and the parameter gradients (list, params' order).
+
+    dgate = dout·(prev − task)   (summed over D for a token or scalar gate)
+    dz    = dgate·gate·(1 − gate)
+    dprev = dout·gate + LN_bwd(dz W_g) ;  dtask = dout·(1 − gate) + dz U_g
+    dW_g  = dzᵀ h ; db_g = Σ dz ; dU_g = dzᵀ task ; dα = Σ dz
+    """
+    shared = task.dim() == 2
+    task_b = task.expand_as(prev) if shared else task
+    _, g = dafe_forward(prev, task, params, gate, eps)
+    dgate = dout * (prev - task_b)
+    dprev = dout * g
+    dtask = dout * (1 - g)
+    if gate == "scalar":
+        dz = dgate.sum() * g * (1 - g)
+        grads = [dz.reshape(params[0].shape)]
+    else:
+        ln_w, ln_b, w_prev, b_prev, w_task = params
+        if gate == "token":
+            dgate = dgate.sum(-1, keepdim=True)
+        dz = dgate * g * (1 - g)
+        h, mean, rstd = layer_norm_fwd(prev, ln_w, ln_b, eps)
+        dh, dw_prev, db_prev = linear_bwd(dz, h, w_prev)
+        dtask_gate, dw_task, _ = linear_bwd(dz, task_b, w_task)
+        dprev_ln, dln_w, dln_b = layer_norm_bwd(dh, prev, mean, rstd, ln_w)
+        dprev = dprev + dprev_ln
+        dtask = dtask + dtask_gate
+        grads = [dln_w, dln_b, dw_prev, db_prev, dw_task]
+    if shared:  # a prompt shared by all N sequences collects the gradient of every one
+        dtask = dtask.sum(0)
+    return dprev, dtask, grads
+
+
+@torch.library.custom_op("fastprompt::dafe_fwd_reference", mutates_args=())
+def dafe_fwd_reference(prev: Tensor, task: Tensor, params: list[Tensor], gate: str, eps: float
+                       ) -> tuple[Tensor, list[Tensor]]:
+    with no_autocast(prev.device):
+        cd = compute_dtype(prev.dtype)
+        out, _ = dafe_forward(prev.to(cd), task.to(cd), [p.to(cd) for p in params], gate, eps)
+    return out.to(prev.dtype), []
+
+
+@dafe_fwd_reference.register_fake
+def _(prev, task, params, gate, eps):
+    return torch.empty_like(prev, memory_format=torch.contiguous_format), []
+
+
+@torch.library.custom_op("fastprompt::dafe_bwd_reference", mutates_args=())
+def dafe_bwd_reference(grad_out: Tensor, prev: Tensor, task: Tensor, params: list[Tensor], saved: list[Tensor],
+                       gate: str, eps: float) -> tuple[Tensor, Tensor, list[Tensor]]:
+    with no_autocast(prev.device):
+        cd = compute_dtype(prev.dtype)
+        dprev, dtask, grads = dafe_backward(grad_out.to(cd), prev.to(cd), task.to(cd), [p.to(cd) for p in params],
+                                            gate, eps)
+    return dprev.to(prev.dtype), dtask.to(task.dtype), [g.to(p.dtype) for g, p in zip(grads, params)]
+
+
+@dafe_bwd_reference.register_fake
+def _(grad_out, prev, task, params, saved, gate, eps):
+    return (torch.empty_like(prev, memory_format=torch.contiguous_format),
+            torch.empty_like(task, memory_format=torch.contiguous_format),
+            [torch.empty_like(p) for p in params])
+

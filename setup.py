@@ -1,0 +1,112 @@
+"""Build script: the pure-Python package always, the CUDA extension `fastprompt._C` on request.
+
+FASTPROMPT_BUILD_CUDA selects the extension build:
+  0     never (a pure wheel / editable install; the `cuda` backend is then unavailable)
+  1     always (needs nvcc and torch in the build environment: use `pip install --no-build-isolation`)
+  auto  (default) only when nvcc, an NVIDIA GPU and torch are all present, so a plain
+        `pip install -e .` on a machine without a GPU never spends minutes in nvcc.
+
+TORCH_CUDA_ARCH_LIST is honoured (default "8.0;9.0+PTX"); MAX_JOBS defaults to what memory allows.
+Kernels live in torch-free `.cu` files; only `csrc/bindings.cpp` includes the torch headers, which is
+what keeps the build short on small machines.
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _log(msg: str) -> None:
+    print(f"fastprompt setup: {msg}", file=sys.stderr)
+
+
+def _gpu_present() -> bool:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def _torch_importable() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _want_cuda_extension() -> bool:
+    mode = os.environ.get("FASTPROMPT_BUILD_CUDA", "auto").strip().lower()
+    if mode in ("0", "false", "no", "off"):
+        return False
+    if mode in ("1", "true", "yes", "on"):
+        if not _torch_importable():
+            raise SystemExit(
+                "FASTPROMPT_BUILD_CUDA=1 needs torch in the build environment: install torch first and "
+                "run `pip install --no-build-isolation ...`"
+            )
+        return True
+    if mode != "auto":
+        raise SystemExit(f"FASTPROMPT_BUILD_CUDA must be auto, 0 or 1, not {mode!r}")
+    nvcc = shutil.which("nvcc") or os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
+    if not nvcc:
+        _log("auto: no nvcc found, building without the CUDA extension")
+        return False
+    if not _gpu_present():
+        _log("auto: no NVIDIA GPU found, building without the CUDA extension")
+        return False
+    if not _torch_importable():
+        _log("auto: torch is not importable in the build environment (build isolation?), "
+             "building without the CUDA extension; use --no-build-isolation to build it")
+        return False
+    return True
+
+
+def _default_max_jobs() -> str:
+    # nvcc on a file that includes the torch headers peaks around 3 GiB; leave headroom.
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = 8.0
+    return str(max(1, min(os.cpu_count() or 1, int(mem_gib // 4))))
+
+
+def _extensions():
+    if not _want_cuda_extension():
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+    _log(f"building fastprompt._C for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
+         f"with MAX_JOBS={os.environ['MAX_JOBS']}")
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu"))
+    ext = CUDAExtension(
+        name="fastprompt._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=find_packages(include=["fastprompt", "fastprompt.*"])
+    + ["fastprompt.kernels"]
+    + [f"fastprompt.kernels.{p}" for p in find_packages("kernels")],
+    package_dir={"fastprompt.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
