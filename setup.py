@@ -26,6 +26,22 @@ def _log(msg: str) -> None:
     print(f"fastprompt setup: {msg}", file=sys.stderr)
 
 
+def _cuda_home() -> str | None:
+    """The CUDA toolkit root: $CUDA_HOME, else the toolkit that owns the include/ beside nvcc (following
+    wrapper scripts such as /usr/local/bin/nvcc), else /usr/local/cuda."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for root in candidates:
+        if os.path.exists(os.path.join(root, "include", "cuda_runtime_api.h")):
+            return root
+    return None
+
+
 def _gpu_present() -> bool:
     smi = shutil.which("nvidia-smi")
     if smi is None:
@@ -58,9 +74,8 @@ def _want_cuda_extension() -> bool:
         return True
     if mode != "auto":
         raise SystemExit(f"FASTPROMPT_BUILD_CUDA must be auto, 0 or 1, not {mode!r}")
-    nvcc = shutil.which("nvcc") or os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
-    if not nvcc:
-        _log("auto: no nvcc found, building without the CUDA extension")
+    if _cuda_home() is None:
+        _log("auto: no CUDA toolkit (nvcc and its headers) found, building without the CUDA extension")
         return False
     if not _gpu_present():
         _log("auto: no NVIDIA GPU found, building without the CUDA extension")
@@ -84,6 +99,10 @@ def _default_max_jobs() -> str:
 def _extensions():
     if not _want_cuda_extension():
         return [], {}
+    cuda_home = _cuda_home()
+    if cuda_home is None:
+        raise SystemExit("FASTPROMPT_BUILD_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME")
+    os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
@@ -95,7 +114,7 @@ def _extensions():
         name="fastprompt._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},  # torch picks the C++ standard it needs
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 

@@ -51,16 +51,17 @@ def _check_side_params(side: str, p: CMPASideParams, d: int, d_other: int, n_hea
     names = [(f"{side}_params.{f}", t) for f, t in zip(CMPASideParams._fields, p)]
     for name, t in names:
         v.check_tensor(OP, name, t)
-    if n_head < 1 or d % n_head:
-        raise ValueError(f"{OP}: the {side} width {d} is not divisible by n_head_{side}={n_head}")
     hidden = p.fc_weight.shape[0] if p.fc_weight.dim() == 2 else -1
+    other = "text" if side == "visual" else "visual"
     expected = CMPASideParams(
         (d, d_other), (d,), (d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (hidden, d), (hidden,),
         (d, hidden), (d,))
     for (name, t), shape in zip(names, expected):
-        v.check_shape(OP, name, t, shape, why=f"{side} width {d}, other width {d_other}, MLP width {hidden}")
+        v.check_shape(OP, name, t, shape, why=f"{side} has width {d} and {other} width {d_other}; MLP width {hidden}")
     if hidden < 1:
         raise ValueError(f"{OP}: {side}_params.fc_weight has no rows")
+    if n_head < 1 or d % n_head:
+        raise ValueError(f"{OP}: the {side} width {d} is not divisible by n_head_{side}={n_head}")
 
 
 def cross_modal_prompt_attention(visual: Tensor, text: Tensor, visual_params: Sequence[Tensor],

@@ -9,7 +9,7 @@
     gate = σ(z)                                 (a token gate is broadcast over D)
   gate mode "scalar":
     gate = σ(α)                                 (no LayerNorm, one learnable scalar)
-  out = gate·prev + (1 − gate)·task = task + gate·(prev − task)
+  out = gate·prev + (1 − gate)·task            (1 − gate computed as σ(−z), see dafe_forward)
 
 Parameter lists, in the order the raw ops take and return them:
   channel / token: [ln_weight (D), ln_bias (D), gate_prev_weight W_g (k, D), gate_prev_bias b_g (k),
@@ -26,39 +26,45 @@ GATES = ("channel", "token", "scalar")
 
 
 def dafe_forward(prev: Tensor, task: Tensor, params: list[Tensor], gate: str, eps: float):
-    """Returns out and the gate (N, M, k), both in the dtype of the inputs given (the compute dtype)."""
+    """Returns out, gate = σ(z) and its complement 1 − gate = σ(−z) (N, M, k), in the dtype given.
+
+    The complement is computed as σ(−z), not 1 − σ(z): for a saturated gate 1 − σ(z) cancels
+    catastrophically (σ(8) = 0.99966 leaves 1 − σ(8) with 4 correct digits in fp32), and the backward
+    multiplies by it (dz = dgate·σ(z)·σ(−z)).
+    """
     if gate == "scalar":
         (alpha,) = params
-        g = torch.sigmoid(alpha).reshape(1, 1, 1)
-        return task + g * (prev - task), g
-    ln_w, ln_b, w_prev, b_prev, w_task = params
-    h, _, _ = layer_norm_fwd(prev, ln_w, ln_b, eps)
-    g = torch.sigmoid(linear(h, w_prev, b_prev) + linear(task, w_task, None))
-    return task + g * (prev - task), g
+        z = alpha.reshape(1, 1, 1)
+    else:
+        ln_w, ln_b, w_prev, b_prev, w_task = params
+        h, _, _ = layer_norm_fwd(prev, ln_w, ln_b, eps)
+        z = linear(h, w_prev, b_prev) + linear(task, w_task, None)
+    g, g_bar = torch.sigmoid(z), torch.sigmoid(-z)
+    return g * prev + g_bar * task, g, g_bar
 
 
 def dafe_backward(dout: Tensor, prev: Tensor, task: Tensor, params: list[Tensor], gate: str, eps: float):
     """Returns dprev (N, M, D), dtask (task's shape) and the parameter gradients (list, params' order).
 
     dgate = dout·(prev − task)   (summed over D for a token or scalar gate)
-    dz    = dgate·gate·(1 − gate)
-    dprev = dout·gate + LN_bwd(dz W_g) ;  dtask = dout·(1 − gate) + dz U_g
+    dz    = dgate·σ(z)·σ(−z)
+    dprev = dout·σ(z) + LN_bwd(dz W_g) ;  dtask = dout·σ(−z) + dz U_g
     dW_g  = dzᵀ h ; db_g = Σ dz ; dU_g = dzᵀ task ; dα = Σ dz
     """
     shared = task.dim() == 2
     task_b = task.expand_as(prev) if shared else task
-    _, g = dafe_forward(prev, task, params, gate, eps)
+    _, g, g_bar = dafe_forward(prev, task, params, gate, eps)
     dgate = dout * (prev - task_b)
     dprev = dout * g
-    dtask = dout * (1 - g)
+    dtask = dout * g_bar
     if gate == "scalar":
-        dz = dgate.sum() * g * (1 - g)
+        dz = dgate.sum() * g * g_bar
         grads = [dz.reshape(params[0].shape)]
     else:
         ln_w, ln_b, w_prev, b_prev, w_task = params
         if gate == "token":
             dgate = dgate.sum(-1, keepdim=True)
-        dz = dgate * g * (1 - g)
+        dz = dgate * g * g_bar
         h, mean, rstd = layer_norm_fwd(prev, ln_w, ln_b, eps)
         dh, dw_prev, db_prev = linear_bwd(dz, h, w_prev)
         dtask_gate, dw_task, _ = linear_bwd(dz, task_b, w_task)
@@ -76,7 +82,7 @@ def dafe_fwd_reference(prev: Tensor, task: Tensor, params: list[Tensor], gate: s
                        ) -> tuple[Tensor, list[Tensor]]:
     with no_autocast(prev.device):
         cd = compute_dtype(prev.dtype)
-        out, _ = dafe_forward(prev.to(cd), task.to(cd), [p.to(cd) for p in params], gate, eps)
+        out, _, _ = dafe_forward(prev.to(cd), task.to(cd), [p.to(cd) for p in params], gate, eps)
     return out.to(prev.dtype), []
 
 

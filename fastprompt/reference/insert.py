@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._alloc import empty
 from ._math import compute_dtype, layer_norm_bwd, layer_norm_fwd, no_autocast
 
 MODES = ("replace", "insert")
@@ -51,7 +52,7 @@ def build_stream(x: Tensor, prompts: Tensor, start: int, starts: Optional[Tensor
     n, length, d = x.shape
     m = prompts.shape[-2]
     prompt_pos, x_pos = row_maps(n, length, m, start, starts, mode, x.device)
-    y = x.new_empty(n, out_len(length, m, mode), d)
+    y = empty(n, out_len(length, m, mode), d, like=x)
     y.scatter_(1, _rows(x_pos, d), x)
     y.scatter_(1, _rows(prompt_pos, d), prompts.expand(n, m, d).to(x.dtype))
     return y

@@ -1,0 +1,42 @@
+"""What the op tests share: the backend × device × dtype matrix, and float64 copies of leaves."""
+
+import pytest
+import torch
+
+from fastprompt import backends
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+BACKENDS = list(backends.BACKENDS)
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+
+
+def require_backend(op: str, backend: str, device: str, dtype: torch.dtype = torch.float32) -> torch.device:
+    """Skip (with the backend's own reason) what cannot run here: a GPU-only backend or device on a
+    machine without one, a backend not built, or bf16 under the Triton interpreter (which mishandles it)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    dev = torch.device(device)
+    reason = backends.unavailable_reason(op, backend, dev)
+    if reason is not None:
+        pytest.skip(f"{backend} backend unavailable: {reason}")
+    if backend == "triton" and dev.type == "cpu" and dtype != torch.float32:
+        pytest.skip("the Triton interpreter is tested in fp32 only (it mishandles bf16); low precision runs on a GPU")
+    return dev
+
+
+def leaf(t: torch.Tensor, dtype=None, device=None) -> torch.Tensor:
+    """A fresh leaf copy that requires grad."""
+    return t.detach().to(dtype=dtype or t.dtype, device=device or t.device).clone().requires_grad_()
+
+
+def as_float64(tensors):
+    return [leaf(t, torch.float64) for t in tensors]
+
+
+def grads_of(outputs, inputs, upstream):
+    """d(Σ outputs·upstream)/d inputs, with None for inputs the outputs do not reach."""
+    return torch.autograd.grad(outputs, inputs, upstream, allow_unused=True)
+
+
+def random_like_list(tensors, generator=None):
+    return [torch.randn(t.shape, dtype=t.dtype, device=t.device, generator=generator) for t in tensors]
