@@ -191,3 +191,14 @@ def _(grad_visual_out, grad_text_out, visual, text, visual_params, text_params, 
     return (torch.empty_like(visual, memory_format=torch.contiguous_format),
             torch.empty_like(text, memory_format=torch.contiguous_format),
             [torch.empty_like(p) for p in visual_params], [torch.empty_like(p) for p in text_params])
+
+
+def cmpa_eager(visual: Tensor, text: Tensor, visual_params, text_params, n_head_visual: int, n_head_text: int,
+               fusing: str, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """The same math as plain differentiable PyTorch in the inputs' own dtype, outside any custom op:
+    the "eager PyTorch" and "torch.compile of the reference" baselines of the benchmarks."""
+    vbar = visual.mean(1) if fusing == "mean" else visual[:, 0] if fusing == "first" else visual.max(1).values
+    tbar = text.mean(1) if fusing == "mean" else text[:, 0] if fusing == "first" else text.max(1).values
+    out_v, _ = side_forward(vbar, tbar, CMPASideParams(*visual_params), n_head_visual, eps)
+    out_t, _ = side_forward(tbar, vbar, CMPASideParams(*text_params), n_head_text, eps)
+    return out_v.unsqueeze(1).expand_as(visual), out_t.unsqueeze(1).expand_as(text)

@@ -107,3 +107,8 @@ def _(grad_out, prev, task, params, saved, gate, eps):
             torch.empty_like(task, memory_format=torch.contiguous_format),
             [torch.empty_like(p) for p in params])
 
+
+
+def dafe_eager(prev: Tensor, task: Tensor, params: list[Tensor], gate: str, eps: float = 1e-5) -> Tensor:
+    """The same math as plain differentiable PyTorch in the inputs' own dtype (benchmark baseline)."""
+    return dafe_forward(prev, task, params, gate, eps)[0]

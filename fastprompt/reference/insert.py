@@ -118,3 +118,16 @@ def _(grad_y, grad_y_ln, x, prompts, start, starts, ln_weight, ln_bias, saved, e
     ln_grads = [torch.empty_like(p) for p in (ln_weight, ln_bias) if p is not None]
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(prompts, memory_format=torch.contiguous_format), ln_grads)
+
+
+def insert_eager(x: Tensor, prompts: Tensor, start: int, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                 eps: float = 1e-5, mode: str = "replace") -> tuple[Tensor, Optional[Tensor]]:
+    """What eager prompt-learning code does, as the benchmark baseline: torch.cat (a full copy of the
+    stream), then a LayerNorm pass (another full read and write)."""
+    m = prompts.shape[-2]
+    p = prompts.expand(x.shape[0], m, x.shape[2]) if prompts.dim() == 2 else prompts
+    tail = x[:, start + m:] if mode == "replace" else x[:, start:]
+    y = torch.cat([x[:, :start], p, tail], dim=1)
+    if ln_weight is None and ln_bias is None:
+        return y, None
+    return y, torch.nn.functional.layer_norm(y, (x.shape[-1],), ln_weight, ln_bias, eps)
