@@ -1,6 +1,9 @@
 """Triton kernels of fastprompt (installed as `fastprompt.kernels`).
 
-Importing this package registers the `triton` backend's implementations with fastprompt.backends.
-Set TRITON_INTERPRET=1 before import to run them on CPU tensors (slow; for tests).
-No kernel is registered yet: the ops' `triton` backend reports itself as not implemented.
+Importing this package registers the `triton` backend's implementation of each op with
+fastprompt.backends: one module per op holds its kernels, launchers and raw custom ops
+(`fastprompt::<op>_{fwd,bwd}_triton`). Set TRITON_INTERPRET=1 before the import to run them on CPU
+tensors (slow, for tests).
 """
+
+from . import insert  # noqa: F401

@@ -151,28 +151,34 @@ def test_gradcheck_float64(mode, per_sequence):
     assert torch.autograd.gradcheck(fn, leaves)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
-def test_opcheck_raw_ops(mode):
+def test_opcheck_raw_ops(backend, mode):
+    require_backend("insert_prompts", backend, "cpu")
+    fwd = getattr(torch.ops.fastprompt, f"insert_prompts_fwd_{backend}").default
+    bwd = getattr(torch.ops.fastprompt, f"insert_prompts_bwd_{backend}").default
     x, prompts, _, ln_w, ln_b = make_case(3, 7, 2, 24, mode, True, False)
     starts = torch.tensor([0, 3, 5])
     for start, per_seq in [(2, None), (0, starts)]:
         for lw, lb in [(ln_w, ln_b), (None, None), (ln_w, None)]:
             args = (x, prompts, start, per_seq, lw, lb, 1e-5, mode)
-            torch.library.opcheck(torch.ops.fastprompt.insert_prompts_fwd_reference.default, args)
-            y, _, saved = torch.ops.fastprompt.insert_prompts_fwd_reference(*args)
+            torch.library.opcheck(fwd, args)
+            y, _, saved = fwd(*args)
             grad_ln = torch.randn_like(y) if lw is not None else None
-            torch.library.opcheck(torch.ops.fastprompt.insert_prompts_bwd_reference.default,
-                                  (torch.randn_like(y), grad_ln, x, prompts, start, per_seq, lw, lb, saved, 1e-5, mode))
+            torch.library.opcheck(bwd, (torch.randn_like(y), grad_ln, x, prompts, start, per_seq, lw, lb, saved, 1e-5,
+                                        mode))
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("per_sequence", [False, True])
-def test_torch_compile_fullgraph_matches_eager(per_sequence):
+def test_torch_compile_fullgraph_matches_eager(backend, per_sequence):
+    require_backend("insert_prompts", backend, "cpu")
     x, prompts, start, ln_w, ln_b = make_case(3, 9, 2, 24, "insert", False, per_sequence, seed=11)
     upstream = [torch.randn(3, 11, 24), torch.randn(3, 11, 24)]
 
     def fn(x, prompts, start, ln_w, ln_b, eps, mode):
-        return fastprompt.insert_prompts(x, prompts, start, ln_w, ln_b, eps, mode)
+        return fastprompt.insert_prompts(x, prompts, start, ln_w, ln_b, eps, mode, backend=backend)
 
     eager = run(fn, x, prompts, start, ln_w, ln_b, "insert", upstream)
     compiled = run(torch.compile(fn, fullgraph=True), x, prompts, start, ln_w, ln_b, "insert", upstream)

@@ -1,0 +1,263 @@
+"""Prompt insertion fused with LayerNorm, in Triton (the math: fastprompt/reference/insert.py).
+
+Forward, one kernel: each program takes BLOCK_R rows of one sequence, reads each row once from x or from
+the prompts (whichever the row comes from), writes it to y, and writes its LayerNorm to y_ln; it keeps
+the row's mean and 1/std for the backward. One read of x, one write each of y and y_ln.
+
+Backward, one kernel plus torch's sums of the per-program partials: each program walks tiles of rows,
+rebuilds the rows of y from x and the prompts (one read, as the forward), forms
+    dy_total = dy + rstd·(dŷ − mean(dŷ) − x̂·mean(dŷ·x̂)),  dŷ = dy_ln·w
+and routes it: to dx at the row x came from (zero for the rows a replacement overwrote) and to the
+prompt row it came from. The LayerNorm affine gradients Σ dy_ln·x̂ and Σ dy_ln, and for shared prompts
+the sum over the N sequences, are written as per-program partials and summed by torch afterwards, so
+the result does not depend on scheduling (no atomics).
+
+Configs: one row of D elements is a block of BLOCK_D = next_pow2(D) lanes; BLOCK_R rows per tile keep a
+tile near 4096 elements (8 KB in bf16): at ViT-B/16 widths (D = 768) that is 4 rows, 4 warps. The backward
+grid is 4 programs per SM. These are first choices for Hopper (H100), not yet measured there; Ampere
+configs are the same, not yet measured either.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastprompt import backends
+from fastprompt._alloc import empty
+from fastprompt.reference.insert import out_len
+
+from ._common import dtype_reason, next_pow2, sm_count
+
+MAX_WIDTH = 16384  # one row is one block
+
+
+@triton.jit
+def _load_rows(x_ptr, p_ptr, starts_ptr, n, rows, cols, start, L, M, D,
+               sxn, sxl, sxd, spn, spm, spd,
+               HAS_STARTS: tl.constexpr, INSERT: tl.constexpr, SHARED: tl.constexpr):
+    """Rows `rows` of y for sequence n, as fp32, with where each row came from."""
+    if HAS_STARTS:
+        start = tl.load(starts_ptr + n)
+    row_ok = rows < (L + M if INSERT else L)
+    is_prompt = (rows >= start) & (rows < start + M)
+    # the row of x that lands on y's row: the same row (replace), or shifted past the prompts (insert)
+    if INSERT:
+        src = tl.where(rows < start, rows, rows - M)
+    else:
+        src = rows
+    col_ok = cols < D
+    n64 = n.to(tl.int64)
+    x_mask = (row_ok & ~is_prompt)[:, None] & col_ok[None, :]
+    xv = tl.load(x_ptr + n64 * sxn + src.to(tl.int64)[:, None] * sxl + cols[None, :] * sxd, mask=x_mask, other=0.0)
+    p_row = rows - start
+    p_base = p_ptr if SHARED else p_ptr + n64 * spn
+    p_mask = (row_ok & is_prompt)[:, None] & col_ok[None, :]
+    pv = tl.load(p_base + p_row.to(tl.int64)[:, None] * spm + cols[None, :] * spd, mask=p_mask, other=0.0)
+    y = tl.where(is_prompt[:, None], pv, xv).to(tl.float32)
+    return y, row_ok, is_prompt, src, p_row
+
+
+@triton.jit
+def _insert_fwd_kernel(x_ptr, p_ptr, starts_ptr, w_ptr, b_ptr, y_ptr, yln_ptr, mean_ptr, rstd_ptr,
+                       start, L, M, D, L_out, eps,
+                       sxn, sxl, sxd, spn, spm, spd,
+                       HAS_STARTS: tl.constexpr, INSERT: tl.constexpr, SHARED: tl.constexpr,
+                       HAS_LN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rb = tl.program_id(0)
+    n = tl.program_id(1)
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    y, row_ok, _, _, _ = _load_rows(x_ptr, p_ptr, starts_ptr, n, rows, cols, start, L, M, D,
+                                    sxn, sxl, sxd, spn, spm, spd, HAS_STARTS, INSERT, SHARED)
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    out_rows = n.to(tl.int64) * L_out + rows
+    offs = out_rows[:, None] * D + cols[None, :]
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if HAS_LN:
+        # mean = Σy/D ; var = Σ(y − mean)²/D ; y_ln = (y − mean)·rstd·w + b, all in fp32
+        mean = tl.sum(y, axis=1) / D
+        diff = tl.where(mask, y - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / D + eps)
+        y_ln = diff * rstd[:, None]
+        if HAS_W:
+            y_ln = y_ln * tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            y_ln = y_ln + tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+        tl.store(yln_ptr + offs, y_ln.to(yln_ptr.dtype.element_ty), mask=mask)
+        tl.store(mean_ptr + out_rows, mean, mask=row_ok)
+        tl.store(rstd_ptr + out_rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _insert_bwd_kernel(x_ptr, p_ptr, starts_ptr, w_ptr, mean_ptr, rstd_ptr, dy_ptr, dyln_ptr,
+                       dx_ptr, dp_ptr, dw_part_ptr, db_part_ptr,
+                       start, N, L, M, D, L_out,
+                       sxn, sxl, sxd, spn, spm, spd, sdyn, sdyl, sdyd, sdln, sdll, sdld,
+                       HAS_STARTS: tl.constexpr, INSERT: tl.constexpr, SHARED: tl.constexpr,
+                       HAS_DY: tl.constexpr, HAS_DYLN: tl.constexpr, HAS_W: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    n_progs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        w = tl.full((BLOCK_D,), 1.0, tl.float32)
+    dw_acc = tl.zeros((BLOCK_D,), tl.float32)
+    db_acc = tl.zeros((BLOCK_D,), tl.float32)
+    tiles_per_seq = tl.cdiv(L_out, BLOCK_R)
+    for tile in range(pid, N * tiles_per_seq, n_progs):
+        n = tile // tiles_per_seq
+        rows = (tile % tiles_per_seq) * BLOCK_R + tl.arange(0, BLOCK_R)
+        n64 = n.to(tl.int64)
+        dy_total = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+        row_ok = rows < L_out
+        mask = row_ok[:, None] & col_ok[None, :]
+        if HAS_DY:
+            dy_total += tl.load(dy_ptr + n64 * sdyn + rows.to(tl.int64)[:, None] * sdyl + cols[None, :] * sdyd,
+                                mask=mask, other=0.0).to(tl.float32)
+        if HAS_DYLN:
+            y, _, _, _, _ = _load_rows(x_ptr, p_ptr, starts_ptr, n, rows, cols, start, L, M, D,
+                                       sxn, sxl, sxd, spn, spm, spd, HAS_STARTS, INSERT, SHARED)
+            mean = tl.load(mean_ptr + n64 * L_out + rows, mask=row_ok, other=0.0)
+            rstd = tl.load(rstd_ptr + n64 * L_out + rows, mask=row_ok, other=0.0)
+            xhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
+            dyln = tl.load(dyln_ptr + n64 * sdln + rows.to(tl.int64)[:, None] * sdll + cols[None, :] * sdld,
+                           mask=mask, other=0.0).to(tl.float32)
+            dw_acc += tl.sum(dyln * xhat, axis=0)
+            db_acc += tl.sum(dyln, axis=0)
+            dxhat = dyln * w[None, :]
+            # dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))
+            c1 = tl.sum(dxhat * xhat, axis=1) / D
+            c2 = tl.sum(dxhat, axis=1) / D
+            dy_total += tl.where(mask, (dxhat - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
+        if HAS_STARTS:
+            s = tl.load(starts_ptr + n)
+        else:
+            s = start
+        is_prompt = (rows >= s) & (rows < s + M)
+        # x's rows: every row of x lands on exactly one row of y; a replaced row gets zero
+        if INSERT:
+            src = tl.where(rows < s, rows, rows - M)
+            x_keep = row_ok & ~is_prompt
+            dx_val = dy_total
+        else:
+            src = rows
+            x_keep = row_ok
+            dx_val = tl.where(is_prompt[:, None], 0.0, dy_total)
+        tl.store(dx_ptr + (n64 * L + src.to(tl.int64))[:, None] * D + cols[None, :],
+                 dx_val.to(dx_ptr.dtype.element_ty), mask=x_keep[:, None] & col_ok[None, :])
+        # the prompt rows: per sequence, into (N, M, D) (summed over N afterwards when shared)
+        p_rows = (n64 * M + (rows - s).to(tl.int64))
+        tl.store(dp_ptr + p_rows[:, None] * D + cols[None, :], dy_total.to(dp_ptr.dtype.element_ty),
+                 mask=(row_ok & is_prompt)[:, None] & col_ok[None, :])
+    if HAS_DYLN:
+        tl.store(dw_part_ptr + pid * D + cols, dw_acc, mask=col_ok)
+        tl.store(db_part_ptr + pid * D + cols, db_acc, mask=col_ok)
+
+
+def _config(d: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps): ~4096 elements a tile."""
+    block_d = next_pow2(d)
+    block_r = max(1, min(16, 4096 // block_d))
+    return block_r, block_d, 4 if block_d <= 1024 else 8
+
+
+def _starts_arg(starts: Optional[Tensor], x: Tensor) -> Tensor:
+    return starts if starts is not None else x  # a placeholder pointer when HAS_STARTS is False
+
+
+@torch.library.custom_op("fastprompt::insert_prompts_fwd_triton", mutates_args=())
+def insert_prompts_fwd_triton(x: Tensor, prompts: Tensor, start: int, starts: Optional[Tensor],
+                              ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float, mode: str
+                              ) -> tuple[Tensor, Tensor, list[Tensor]]:
+    n, length, d = x.shape
+    m = prompts.shape[-2]
+    l_out = out_len(length, m, mode)
+    has_ln = ln_weight is not None or ln_bias is not None
+    y = empty(n, l_out, d, like=x)
+    if has_ln:
+        y_ln = empty(n, l_out, d, like=x)
+        mean, rstd = (empty(n, l_out, like=x, dtype=torch.float32) for _ in range(2))
+    else:  # the kernel writes none of them; y stands in as their (unused) pointer
+        y_ln, mean, rstd = x.new_empty(0), y, y
+    shared = prompts.dim() == 2
+    spn, spm, spd = (0, *prompts.stride()) if shared else prompts.stride()
+    block_r, block_d, warps = _config(d)
+    _insert_fwd_kernel[(triton.cdiv(l_out, block_r), n)](
+        x, prompts, _starts_arg(starts, x), ln_weight if ln_weight is not None else x,
+        ln_bias if ln_bias is not None else x, y, y_ln if has_ln else y, mean, rstd,
+        start, length, m, d, l_out, eps, *x.stride(), spn, spm, spd,
+        HAS_STARTS=starts is not None, INSERT=mode == "insert", SHARED=shared, HAS_LN=has_ln,
+        HAS_W=ln_weight is not None, HAS_B=ln_bias is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=warps)
+    return y, y_ln, ([mean, rstd] if has_ln else [])
+
+
+@insert_prompts_fwd_triton.register_fake
+def _(x, prompts, start, starts, ln_weight, ln_bias, eps, mode):
+    n, length, d = x.shape
+    l_out = out_len(length, prompts.shape[-2], mode)
+    if ln_weight is None and ln_bias is None:
+        return x.new_empty(n, l_out, d), x.new_empty(0), []
+    stats = [x.new_empty(n, l_out, dtype=torch.float32) for _ in range(2)]
+    return x.new_empty(n, l_out, d), x.new_empty(n, l_out, d), stats
+
+
+@torch.library.custom_op("fastprompt::insert_prompts_bwd_triton", mutates_args=())
+def insert_prompts_bwd_triton(grad_y: Optional[Tensor], grad_y_ln: Optional[Tensor], x: Tensor, prompts: Tensor,
+                              start: int, starts: Optional[Tensor], ln_weight: Optional[Tensor],
+                              ln_bias: Optional[Tensor], saved: list[Tensor], eps: float, mode: str
+                              ) -> tuple[Tensor, Tensor, list[Tensor]]:
+    n, length, d = x.shape
+    m = prompts.shape[-2]
+    l_out = out_len(length, m, mode)
+    has_ln = ln_weight is not None or ln_bias is not None
+    has_dyln = grad_y_ln is not None and has_ln
+    shared = prompts.dim() == 2
+    block_r, block_d, warps = _config(d)
+    n_tiles = n * triton.cdiv(l_out, block_r)
+    grid = max(1, min(n_tiles, 4 * sm_count(x.device)))
+    dx = empty(n, length, d, like=x)
+    # shared prompts: one fp32 row block per sequence, summed below; per-sample: written in place
+    dp = empty(n, m, d, like=x, dtype=torch.float32) if shared else empty(n, m, d, like=prompts)
+    dw_part = empty(grid, d, like=x, dtype=torch.float32) if has_dyln else dx  # dx: an unused pointer
+    db_part = empty(grid, d, like=x, dtype=torch.float32) if has_dyln else dx
+    mean, rstd = saved if has_ln else (x, x)
+    sdy = grad_y.stride() if grad_y is not None else (0, 0, 0)
+    sdln = grad_y_ln.stride() if has_dyln else (0, 0, 0)
+    spn, spm, spd = (0, *prompts.stride()) if shared else prompts.stride()
+    _insert_bwd_kernel[(grid,)](
+        x, prompts, _starts_arg(starts, x), ln_weight if ln_weight is not None else x, mean, rstd,
+        grad_y if grad_y is not None else x, grad_y_ln if has_dyln else x, dx, dp, dw_part, db_part,
+        start, n, length, m, d, l_out, *x.stride(), spn, spm, spd, *sdy, *sdln,
+        HAS_STARTS=starts is not None, INSERT=mode == "insert", SHARED=shared, HAS_DY=grad_y is not None,
+        HAS_DYLN=has_dyln, HAS_W=ln_weight is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+    dprompts = dp.sum(0).to(prompts.dtype) if shared else dp
+    ln_grads = []
+    for param, part in ((ln_weight, dw_part), (ln_bias, db_part)):
+        if param is not None:
+            ln_grads.append(part.sum(0).to(param.dtype) if has_dyln else torch.zeros_like(param))
+    return dx, dprompts, ln_grads
+
+
+@insert_prompts_bwd_triton.register_fake
+def _(grad_y, grad_y_ln, x, prompts, start, starts, ln_weight, ln_bias, saved, eps, mode):
+    ln_grads = [torch.empty_like(p) for p in (ln_weight, ln_bias) if p is not None]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(prompts, memory_format=torch.contiguous_format), ln_grads)
+
+
+def supports(problem: dict) -> Optional[str]:
+    reason = dtype_reason(problem)
+    if reason is None and problem["d"] > MAX_WIDTH:
+        reason = f"the triton insertion kernel takes widths up to {MAX_WIDTH}, got {problem['d']}"
+    return reason
+
+
+backends.register_impl("insert_prompts", "triton", insert_prompts_fwd_triton, insert_prompts_bwd_triton, supports)
