@@ -151,22 +151,29 @@ def test_gradcheck_float64(gate):
     assert torch.autograd.gradcheck(fn, (prev, task, *params))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("shared_task", [True, False])
-def test_opcheck_raw_ops(gate, shared_task):
+def test_opcheck_raw_ops(backend, gate, shared_task):
+    require_backend("dafe", backend, "cpu")
+    fwd = getattr(torch.ops.fastprompt, f"dafe_fwd_{backend}").default
+    bwd = getattr(torch.ops.fastprompt, f"dafe_bwd_{backend}").default
     module = make_module(24, gate)
     params = [p.detach() for p in module.parameters()]
     prev = torch.randn(5, 3, 24)
     task = torch.randn(3, 24) if shared_task else torch.randn(5, 3, 24)
-    torch.library.opcheck(torch.ops.fastprompt.dafe_fwd_reference.default, (prev, task, params, gate, 1e-5))
-    torch.library.opcheck(torch.ops.fastprompt.dafe_bwd_reference.default,
-                          (torch.randn(5, 3, 24), prev, task, params, [], gate, 1e-5))
+    torch.library.opcheck(fwd, (prev, task, params, gate, 1e-5))
+    _, saved = fwd(prev, task, params, gate, 1e-5)
+    torch.library.opcheck(bwd, (torch.randn(5, 3, 24), prev, task, params, saved, gate, 1e-5))
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gate", ["channel", "scalar"])
-def test_torch_compile_fullgraph_matches_eager(gate):
+def test_torch_compile_fullgraph_matches_eager(backend, gate):
+    require_backend("dafe", backend, "cpu")
     module = make_module(24, gate, seed=6)
+    module.backend = backend
     prev, task, upstream = torch.randn(5, 3, 24), torch.randn(3, 24), torch.randn(5, 3, 24)
     eager_out, eager_grads = run_module(module, prev, task, upstream)
     out, grads = run_module(torch.compile(module, fullgraph=True), prev, task, upstream)
