@@ -8,3 +8,4 @@ tensors (slow, for tests).
 
 from . import insert  # noqa: F401
 from . import dafe  # noqa: F401
+from . import cmpa  # noqa: F401
