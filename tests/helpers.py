@@ -40,3 +40,28 @@ def grads_of(outputs, inputs, upstream):
 
 def random_like_list(tensors, generator=None):
     return [torch.randn(t.shape, dtype=t.dtype, device=t.device, generator=generator) for t in tensors]
+
+
+class TritonLaunchCounter:
+    """Counts Triton kernel launches (by kernel name) while active, by wrapping the `run` method of the
+    kernels' class (the interpreter's on a CPU machine, the JIT's on a GPU): independent of what the
+    launchers themselves report."""
+
+    def __init__(self, any_kernel):
+        self.cls = type(any_kernel)
+        self.names: list[str] = []
+
+    def __enter__(self):
+        self.original = self.cls.run
+        counter = self
+
+        def run(kernel, *args, **kwargs):
+            counter.names.append(getattr(getattr(kernel, "fn", None), "__name__", repr(kernel)))
+            return counter.original(kernel, *args, **kwargs)
+
+        self.cls.run = run
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.run = self.original
+        return False

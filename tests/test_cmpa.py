@@ -11,7 +11,7 @@ from fastprompt.ops import CMPASideParams, cross_modal_prompt_attention
 from fastprompt.testing import assert_close, poisoned_outputs
 
 from . import naive
-from .helpers import BACKENDS, DEVICES, LOW_PRECISION, as_float64, grads_of, leaf, require_backend
+from .helpers import BACKENDS, DEVICES, LOW_PRECISION, TritonLaunchCounter, grads_of, leaf, require_backend
 
 # (Dv, Hv, Dt, Ht): widths that are not powers of two, head widths 8, 3, 12, 20
 WIDTHS = [(24, 3, 40, 5), (24, 8, 96, 8), (96, 8, 40, 2)]
@@ -89,6 +89,20 @@ def test_matches_naive_fp32(device, backend, widths, m, fusing, upstream_kind):
     assert_matches(outs, grads, ref_outs, ref_grads)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fusing", FUSINGS)
+def test_long_batches_and_wide_heads(backend, fusing):
+    """Batches longer than one pooling chunk and heads wider than one head-dim chunk of the kernels."""
+    dev = require_backend("cmpa", backend, "cpu")
+    m, b, c, dv, hv, dt, ht = 3, 70, 45, 96, 1, 80, 1
+    module = make_module(dv, hv, dt, ht, fusing, seed=12, backend=backend).to(dev)
+    visual, text = torch.randn(m, b, dv), torch.randn(m, c, dt)
+    upstream = [torch.randn(m, b, dv), torch.randn(m, c, dt)]
+    with poisoned_outputs():
+        outs, grads = run_module(module, visual, text, upstream)
+    assert_matches(outs, grads, *run_naive(module, visual, text, (hv, ht), upstream))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
@@ -122,6 +136,80 @@ def test_non_contiguous_inputs(backend):
         outs, grads = run_module(module, visual, text)
     assert_matches(outs, grads, *run_naive(module, visual, text, (hv, ht)))
     assert dev.type == "cpu"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fusing", FUSINGS)
+def test_triton_launch_budget(device, fusing):
+    """Both sides together: at most 6 kernel launches forward and 8 backward (DESIGN.md)."""
+    dev = require_backend("cmpa", "triton", device)
+    from fastprompt.kernels import cmpa as triton_cmpa
+
+    module = make_module(24, 3, 40, 5, fusing, backend="triton").to(dev)
+    visual = torch.randn(3, 4, 24, device=dev, requires_grad=True)
+    text = torch.randn(3, 6, 40, device=dev, requires_grad=True)
+    with TritonLaunchCounter(triton_cmpa._pool_kernel) as fwd:
+        new_v, new_t = module(visual, text)
+    with TritonLaunchCounter(triton_cmpa._pool_kernel) as bwd:
+        torch.autograd.backward([new_v, new_t], [torch.ones_like(new_v), torch.ones_like(new_t)])
+    assert len(fwd.names) <= 6, fwd.names
+    assert len(bwd.names) <= 8, bwd.names
+    if dev.type == "cuda":  # and nothing else runs on the GPU inside the raw ops
+        vp = [p.detach() for p in module.side_params("visual")]
+        tp = [p.detach() for p in module.side_params("text")]
+        args = (visual.detach(), text.detach(), vp, tp, 3, 5, fusing, 1e-5)
+        fwd_kernels = _cuda_kernels(lambda: torch.ops.fastprompt.cmpa_fwd_triton(*args))
+        _, _, saved = torch.ops.fastprompt.cmpa_fwd_triton(*args)
+        bwd_kernels = _cuda_kernels(lambda: torch.ops.fastprompt.cmpa_bwd_triton(
+            torch.ones(3, 4, 24, device=dev), torch.ones(3, 6, 40, device=dev), *args[:4], saved, 3, 5, fusing, 1e-5))
+        assert fwd_kernels <= 6 and bwd_kernels <= 8, (fwd_kernels, bwd_kernels)
+
+
+def _cuda_kernels(fn) -> int:
+    """CUDA kernels launched by fn, counted by the profiler."""
+    fn()  # compile first
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend):
+    """No atomics: two runs give bit-identical outputs and gradients."""
+    require_backend("cmpa", backend, "cpu")
+    module = make_module(40, 5, 24, 3, "mean", seed=14, backend=backend)
+    visual, text = torch.randn(7, 5, 40), torch.randn(7, 3, 24)
+    upstream = [torch.randn(7, 5, 40), torch.randn(7, 3, 24)]
+    first = run_module(module, visual, text, upstream)
+    second = run_module(module, visual, text, upstream)
+    for a, b in zip(first[0], second[0]):
+        assert torch.equal(a, b)
+    for name in first[1]:
+        assert torch.equal(first[1][name], second[1][name]), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sixty_four_prompts(backend):
+    dev = require_backend("cmpa", backend, "cpu")
+    module = make_module(24, 3, 40, 5, "max", seed=15, backend=backend).to(dev)
+    visual, text = torch.randn(64, 2, 24), torch.randn(64, 3, 40)
+    with poisoned_outputs():
+        outs, grads = run_module(module, visual, text)
+    assert_matches(outs, grads, *run_naive(module, visual, text, (3, 5)))
+
+
+def test_triton_refuses_more_than_64_prompts_with_a_reason():
+    if fastprompt.backends.load_error("triton") is not None:
+        pytest.skip(fastprompt.backends.load_error("triton"))
+    from fastprompt.kernels import cmpa as triton_cmpa
+
+    problem = dict(dtype=torch.float32, m=65, dv=24, dt=40)
+    assert "up to 64 prompts, got M=65" in triton_cmpa.supports(problem)
+    assert "widths up to 1024" in triton_cmpa.supports(dict(problem, m=3, dv=1280))
+    assert "float64" in triton_cmpa.supports(dict(problem, m=3, dtype=torch.float64))
+    assert triton_cmpa.supports(dict(problem, m=64)) is None
 
 
 def test_outputs_are_stride0_broadcasts_like_the_original():
@@ -162,16 +250,27 @@ def test_the_two_sides_are_coupled():
     assert (t1 - t3).abs().max() > 1e-3, "the text output ignores the visual input"
 
 
-def test_max_pooling_sends_the_gradient_to_the_first_maximum():
-    module = make_module(24, 3, 40, 5, "max", seed=9)
-    visual = torch.randn(3, 4, 24)
-    visual[:, 2] = visual[:, 1]  # ties between index 1 and 2 wherever 1 holds the maximum
-    visual[:, 3] = visual[:, 0]
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b", [4, 70], ids=["short-batch", "long-batch"])
+def test_max_pooling_sends_the_gradient_to_the_first_maximum(backend, b):
+    """Ties, also between batch elements far apart (kernels pool a long batch in chunks)."""
+    require_backend("cmpa", backend, "cpu")
+    module = make_module(24, 3, 40, 5, "max", seed=9, backend=backend)
+    visual = torch.randn(3, b, 24)
+    visual[:, 0, ::2] += 5  # elements 0 and 1 hold the maxima, so that their copies tie with them
+    visual[:, 1, 1::2] += 5
+    copies = {2: 1, 3: 0} if b == 4 else {2: 1, 3: 0, 40: 1, 66: 0, 69: 40}
+    for dst, src in copies.items():  # ties wherever the source holds the maximum
+        visual[:, dst] = visual[:, src]
     text = torch.randn(3, 2, 40)
-    _, grads = run_module(module, visual, text, [torch.randn(3, 4, 24), torch.randn(3, 2, 40)])
-    assert torch.count_nonzero(grads["visual"][:, 2]) == 0
-    assert torch.count_nonzero(grads["visual"][:, 3]) == 0
+    upstream = [torch.randn(3, b, 24), torch.randn(3, 2, 40)]
+    with poisoned_outputs():
+        _, grads = run_module(module, visual, text, upstream)
+    for dst in copies:
+        assert torch.count_nonzero(grads["visual"][:, dst]) == 0, dst
     assert torch.count_nonzero(grads["visual"][:, :2]) > 0
+    ref_outs, ref_grads = run_naive(module, visual, text, (3, 5), upstream)
+    assert_close("grad visual", grads["visual"], ref_grads["visual"])
 
 
 @pytest.mark.parametrize("fusing", FUSINGS)

@@ -72,6 +72,23 @@ def test_matches_naive_fp32(device, backend, gate, d, m, n, shared_task):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("shared_task", [True, False], ids=["shared", "per-sample"])
+def test_many_rows_and_a_wide_row(backend, gate, shared_task):
+    """More rows than one row chunk of the weight-gradient loops, and rows wider than one column chunk."""
+    dev = require_backend("dafe", backend, "cpu")
+    n, m, d = 20, 7, 200
+    module = make_module(d, gate, seed=13).to(dev)
+    module.backend = backend
+    prev = torch.randn(n, m, d)
+    task = torch.randn(m, d) if shared_task else torch.randn(n, m, d)
+    upstream = torch.randn(n, m, d)
+    with poisoned_outputs():
+        out, grads = run_module(module, prev, task, upstream)
+    assert_matches(out, grads, *run_naive(module, prev, task, upstream))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate", GATES)
 def test_sum_backward_with_stride0_upstream(backend, gate):
     dev = require_backend("dafe", backend, "cpu")
     module = make_module(40, gate, seed=1).to(dev)

@@ -60,7 +60,8 @@ def fastprompt_insert(backend):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-sample"])
 @pytest.mark.parametrize("per_sequence", [False, True], ids=["int-start", "tensor-start"])
-@pytest.mark.parametrize("n,length,m,d", [(1, 5, 1, 24), (5, 9, 3, 40), (3, 12, 7, 96), (2, 7, 2, 24)])
+@pytest.mark.parametrize("n,length,m,d", [(1, 5, 1, 24), (5, 9, 3, 40), (3, 12, 7, 96), (2, 7, 2, 24),
+                                          (20, 40, 3, 96)])  # the last: more row tiles than programs
 @pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "no-ln"])
 def test_matches_naive_fp32(device, backend, mode, shared, per_sequence, n, length, m, d, layer_norm):
     dev = require_backend("insert_prompts", backend, device)
