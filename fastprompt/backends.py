@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -86,10 +88,34 @@ def _load_triton() -> Optional[str]:
     except ImportError as exc:
         return f"triton is not installed ({exc})"
     try:
-        importlib.import_module("fastprompt.kernels")
+        _import_kernels()
     except ImportError as exc:
         return f"fastprompt.kernels failed to import: {exc}"
     return None
+
+
+def _import_kernels() -> None:
+    """Import fastprompt.kernels: installed, it is the top-level kernels/ folder mapped into the package; in a
+    source checkout used without installing (PYTHONPATH=., as on a GPU machine), that folder is loaded from
+    beside the package."""
+    try:
+        importlib.import_module("fastprompt.kernels")
+        return
+    except ModuleNotFoundError as exc:
+        if exc.name != "fastprompt.kernels":
+            raise
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    init = os.path.join(folder, "__init__.py")
+    if not os.path.exists(init):
+        raise ImportError("fastprompt.kernels is not installed and no kernels/ folder lies beside the package")
+    spec = importlib.util.spec_from_file_location("fastprompt.kernels", init, submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fastprompt.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["fastprompt.kernels"]
+        raise
 
 
 def _load_cuda() -> Optional[str]:

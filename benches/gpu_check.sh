@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The prepared GPU check: one call on a lent H100 / H200 (see README, "GPU check").
+#
+# The GPU machine has python3 with torch, triton, pytest, pytest-benchmark, hypothesis and nvcc, but no
+# fastprompt install and no internet: the checkout is used in place (PYTHONPATH), wheels carried in .whl/
+# (open_clip and its pure-Python needs, once the methods use it) are installed to /tmp/site first.
+#   1. build fastprompt._C in place for sm_90 (the log says how long)
+#   2. every GPU test: the cuda-device cases of every op test, all backends, fp32/fp16/bf16, fwd and bwd
+#   3. the op timings (benches/gpu_check.py), each result written as soon as it exists
+#   4. the table, printed last
+# Everything lands in $OUT (the device tool's folder) or benches/results/local.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benches/results/local}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PWD:/tmp/site
+fi
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+echo "== build fastprompt._C (sm_90)"
+start=$(date +%s)
+if FASTPROMPT_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  echo "built in $(( $(date +%s) - start )) s"
+else
+  echo "extension build FAILED after $(( $(date +%s) - start )) s: tail of build.log"; tail -20 "$OUT/build.log"
+fi
+python3 -m fastprompt info > "$OUT/info.txt" 2>&1; grep -E "extension|CUDA devices" "$OUT/info.txt"
+
+echo "== GPU tests"
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -k "cuda" tests \
+  --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+echo "pytest exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30; tail -2 "$OUT/tests.log"
+
+echo "== op timings"
+timeout "${BENCH_TIMEOUT:-300}" python3 benches/gpu_check.py --out "$OUT" ${GPU_CHECK_ARGS:-} > "$OUT/bench.log" 2>&1
+echo "gpu_check.py exit $?"; grep -E "FAILED|unavailable" "$OUT/bench.log" | head -20
+cat "$OUT/results.md" 2>/dev/null
