@@ -44,7 +44,7 @@ class InsertPromptsFunction(torch.autograd.Function):
         return dx, dprompts, None, dw, db, None, None, None, None
 
 
-def _check_start(start, n: int, length: int, m: int, mode: str, device: torch.device):
+def _check_start(start, n: int, length: int, m: int, mode: str, device: torch.device, check_range: bool):
     """Returns (int start, per-sequence starts or None)."""
     hi = length - m if mode == "replace" else length
     rule = (f"0 <= start <= L - M = {hi} for mode 'replace'" if mode == "replace"
@@ -62,8 +62,9 @@ def _check_start(start, n: int, length: int, m: int, mode: str, device: torch.de
     v.check_shape(OP, "start", start, (n,), why="one offset per sequence")
     if start.device != device:
         raise ValueError(f"{OP}: start is on {start.device} but x is on {device}")
-    # Range check on the host (a device sync on CUDA); torch.compile traces without it.
-    if not torch.compiler.is_compiling():
+    # Range check on the host (a device sync on CUDA); torch.compile traces without it, and callers whose
+    # offsets were validated once (the methods' static per-class offsets) skip it with check_start=False.
+    if check_range and not torch.compiler.is_compiling():
         lo_val, hi_val = int(start.min()), int(start.max())
         if lo_val < 0 or hi_val > hi:
             raise ValueError(f"{OP}: start holds offsets from {lo_val} to {hi_val}, out of range: {rule}")
@@ -72,7 +73,7 @@ def _check_start(start, n: int, length: int, m: int, mode: str, device: torch.de
 
 def insert_prompts(x: Tensor, prompts: Tensor, start: Union[int, Tensor], ln_weight: Optional[Tensor] = None,
                    ln_bias: Optional[Tensor] = None, eps: float = 1e-5, mode: str = "replace", *,
-                   backend: str = "auto") -> tuple[Tensor, Optional[Tensor]]:
+                   backend: str = "auto", check_start: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """Write prompt rows into a batch-first residual stream and apply the block's LayerNorm in one pass.
 
     Args:
@@ -85,6 +86,8 @@ def insert_prompts(x: Tensor, prompts: Tensor, start: Union[int, Tensor], ln_wei
         mode: "replace" (rows [start, start+M) are overwritten, L unchanged) or "insert" (the prompts
             are inserted before row `start`, L grows by M).
         backend: "auto", "reference", "triton" or "cuda".
+        check_start: check a start tensor's range (a host sync on CUDA); pass False for offsets that were
+            validated once already.
 
     Returns:
         (y, y_ln): the new stream (N, L or L+M, D) and its LayerNorm (None without LayerNorm parameters).
@@ -108,7 +111,7 @@ def insert_prompts(x: Tensor, prompts: Tensor, start: Union[int, Tensor], ln_wei
             v.check_shape(OP, name, t, (d,), why=f"LayerNorm over width {d}")
     named = v.present([("x", x), ("prompts", prompts), ("ln_weight", ln_weight), ("ln_bias", ln_bias)])
     device = v.check_same_device(OP, named)
-    start, starts = _check_start(start, n, length, m, mode, device)
+    start, starts = _check_start(start, n, length, m, mode, device, check_start)
     x, prompts, ln_weight, ln_bias = v.cast_floating([x, prompts, ln_weight, ln_bias], v.autocast_dtype(device))
     dtype = v.check_dtypes(OP, v.present([("x", x), ("prompts", prompts), ("ln_weight", ln_weight),
                                           ("ln_bias", ln_bias)]))

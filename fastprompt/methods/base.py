@@ -1,0 +1,147 @@
+"""What every prompt-learning method shares: the frozen CLIP, the class names, CLIP-style logits, a
+state_dict of trained parameters only, the text-feature cache of evaluation, and the backend."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import insert_prompts
+from ..clip import BlockHooks, ClipBackbone
+
+
+class PromptMethod(nn.Module):
+    """Base class of the methods. Subclasses implement `logits_and_extras(images)` and say whether their text
+    features depend on the images (`text_depends_on_images`); the rest is shared.
+
+    forward(images) -> logits (B, C); loss(images, labels) -> scalar (cross-entropy plus the method's own
+    terms); trainable_parameters() -> parameters or parameter groups; state_dict() -> trained tensors only.
+    """
+
+    name = "base"
+    text_depends_on_images = False
+
+    def __init__(self, clip_model: nn.Module, classnames: Iterable[str], backend: str = "auto"):
+        super().__init__()
+        self.clip = clip_model if isinstance(clip_model, ClipBackbone) else ClipBackbone(clip_model)
+        self.classnames = list(classnames)
+        if not self.classnames:
+            raise ValueError(f"{self.name}: no class names given")
+        self.backend = backend
+        self._text_cache: Optional[Tensor] = None
+        self._register_state_dict_hook(PromptMethod._drop_clip_keys)
+        self.register_load_state_dict_post_hook(PromptMethod._ignore_missing_clip_keys)
+
+    # ---- the method's forward ----------------------------------------------------------------
+    def logits_and_extras(self, images: Tensor) -> tuple[Tensor, dict]:
+        raise NotImplementedError
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.logits_and_extras(images)[0]
+
+    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
+        logits, _ = self.logits_and_extras(images)
+        return F.cross_entropy(logits, labels)
+
+    def clip_logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        """logit_scale · cos(image, text): (B, E) × (C, E) → (B, C), or per image (B, C, E) → (B, C)."""
+        img = F.normalize(image_features, dim=-1)
+        txt = F.normalize(text_features, dim=-1)
+        scale = self.clip.logit_scale
+        if txt.dim() == 3:
+            return scale * torch.einsum("be,bce->bc", img, txt)
+        return scale * img @ txt.t()
+
+    # ---- evaluation computes the text features once ---------------------------------------------
+    def cached_text_features(self, compute) -> Tensor:
+        """In eval mode, text features that do not depend on the images are computed once and reused until
+        the method goes back to training or loads a state_dict."""
+        if self.training or self.text_depends_on_images or torch.is_grad_enabled():
+            return compute()
+        if self._text_cache is None:
+            self._text_cache = compute()
+        return self._text_cache
+
+    def train(self, mode: bool = True):
+        self._text_cache = None
+        return super().train(mode)
+
+    # ---- parameters and checkpoints ------------------------------------------------------------
+    def trainable_parameters(self) -> list:
+        """Parameters to optimise (parameter groups where the method uses several learning rates)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @staticmethod
+    def _drop_clip_keys(module, state_dict, prefix, local_metadata):
+        """state_dict hook: the frozen CLIP is not part of a method checkpoint (kilobytes, not the backbone)."""
+        for key in [k for k in state_dict if k.startswith(prefix + "clip.")]:
+            del state_dict[key]
+
+    @staticmethod
+    def _ignore_missing_clip_keys(module, incompatible_keys):
+        """load_state_dict post-hook: loading a method checkpoint leaves the frozen CLIP as it is."""
+        kept = [k for k in incompatible_keys.missing_keys if ".clip.model." not in "." + k]
+        incompatible_keys.missing_keys[:] = kept
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._text_cache = None
+        clip_keys = [k for k in state_dict if k.startswith("clip.")]
+        if clip_keys:
+            raise ValueError(f"{self.name}: a method checkpoint holds no CLIP weights, got {clip_keys[:3]}")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def set_backend(self, backend: str) -> None:
+        """Use `backend` for every fastprompt op of the method (its modules included)."""
+        for module in self.modules():
+            if hasattr(module, "backend") and module is not self.clip:
+                module.backend = backend
+
+
+def normal_init(shape, std: float = 0.02) -> nn.Parameter:
+    """A prompt initialised as the public codes do, N(0, std²)."""
+    return nn.Parameter(torch.randn(shape) * std)
+
+
+class ReplaceRows(BlockHooks):
+    """Before the listed blocks, rows [start, start + M) of the stream are replaced by that block's prompts
+    (start None: the last M rows), fused with the block's ln_1."""
+
+    def __init__(self, blocks, prompts: dict[int, Tensor], start=None, backend: str = "auto"):
+        self.blocks, self.prompts, self.start, self.backend = blocks, prompts, start, backend
+
+    def before(self, layer: int, x: Tensor):
+        p = self.prompts.get(layer)
+        if p is None:
+            return x, None
+        return replace_with_ln(x, p, self.start, self.blocks[layer].ln_1, self.backend)
+
+
+def replace_with_ln(x: Tensor, prompts: Tensor, start, ln: nn.Module, backend: str):
+    """insert_prompts in replace mode fused with the block's ln_1 → (y, ln_1(y))."""
+    if start is None:
+        start = x.shape[1] - prompts.shape[-2]
+    return insert_prompts(x, prompts, start, ln.weight, ln.bias, ln.eps, "replace", backend=backend)
+
+
+def append_with_ln(x: Tensor, prompts: Tensor, ln: nn.Module, backend: str) -> Tensor:
+    """Prompts appended after the last row, fused with a LayerNorm whose output the stream continues from
+    (the vision stem: ln_pre applies to the stream itself). An Identity ln_pre leaves the stream as is."""
+    if isinstance(ln, nn.LayerNorm):
+        return insert_prompts(x, prompts, x.shape[1], ln.weight, ln.bias, ln.eps, "insert", backend=backend)[1]
+    return ln(insert_prompts(x, prompts, x.shape[1], mode="insert", backend=backend)[0])
+
+
+def encode_prompted_image(clip, images: Tensor, shallow: Tensor, deep: dict, backend: str,
+                          checkpoint: bool = False) -> Tensor:
+    """The image tower with prompts appended after the patch tokens before ln_pre (`shallow`, (M, Dv)) and
+    the last M rows replaced before the blocks listed in `deep` ({layer: (M, Dv)}), fused with their ln_1."""
+    x = append_with_ln(clip.image_tokens(images), shallow, clip.ln_pre, backend)
+    return clip.encode_image_stream(x, ReplaceRows(clip.vision_blocks, deep, None, backend), checkpoint=checkpoint)
+
+
+def check_depth(method: str, depth: int, layers: int, what: str) -> None:
+    if not 0 <= depth <= layers:
+        raise ValueError(f"{method}: {what} depth {depth} is out of range: this model's tower has {layers} blocks")
