@@ -255,9 +255,9 @@ def _reduce_grad_kernel(gv_ptr, svm, svb, svd, dyv_ptr, Bv, Dv, HAS_GV: tl.const
 
 
 @triton.jit
-def _pool_bwd_side(dx_ptr, dx1_ptr, dln_ptr, dother_ptr, idx_ptr, M, NB, D, pid,
-                   FUSING: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    """B8: dX̄ = dx1 + dX̄_ln + dŌ (from the other side's projection), spread back over B."""
+def _pool_bwd_side(dx_ptr, dx1_ptr, dln_ptr, dother_ptr, idx_ptr, M, NB, D, pid, HAS_OWN: tl.constexpr,
+                   HAS_CROSS: tl.constexpr, FUSING: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """B8: dX̄ = dx1 + dX̄_ln (this side's own stages) + dŌ (the other side's projection), spread back over B."""
     n_dt = tl.cdiv(D, BLOCK_D)
     n_bt = tl.cdiv(NB, BLOCK_B)
     m = pid // (n_dt * n_bt)
@@ -265,8 +265,11 @@ def _pool_bwd_side(dx_ptr, dx1_ptr, dln_ptr, dother_ptr, idx_ptr, M, NB, D, pid,
     cols = (rest // n_bt) * BLOCK_D + tl.arange(0, BLOCK_D)
     bs = (rest % n_bt) * BLOCK_B + tl.arange(0, BLOCK_B)
     cm = cols < D
-    g = tl.load(dx1_ptr + m * D + cols, mask=cm, other=0.0) + tl.load(dln_ptr + m * D + cols, mask=cm, other=0.0) \
-        + tl.load(dother_ptr + m * D + cols, mask=cm, other=0.0)
+    g = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_OWN:
+        g += tl.load(dx1_ptr + m * D + cols, mask=cm, other=0.0) + tl.load(dln_ptr + m * D + cols, mask=cm, other=0.0)
+    if HAS_CROSS:
+        g += tl.load(dother_ptr + m * D + cols, mask=cm, other=0.0)
     if FUSING == 0:
         val = tl.zeros((BLOCK_B, BLOCK_D), tl.float32) + (g / NB)[None, :]
     elif FUSING == 1:
@@ -282,14 +285,16 @@ def _pool_bwd_side(dx_ptr, dx1_ptr, dln_ptr, dother_ptr, idx_ptr, M, NB, D, pid,
 @triton.jit
 def _pool_bwd_kernel(dv_ptr, wsv_ptr, vidx_ptr, Bv, Dv, o_dx1_v, o_dln_v,
                      dt_ptr, wst_ptr, tidx_ptr, Bt, Dt, o_dx1_t, o_dln_t, o_dother_v, o_dother_t, M, n_v,
-                     FUSING: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+                     TEXT_SIDE: tl.constexpr, FUSING: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Without the text side (TEXT_SIDE False) the text input's gradient comes from the visual projection
+    alone, and the visual input gets nothing through a text-side projection."""
     pid = tl.program_id(0)
     if pid < n_v:  # the visual side's dŌ comes from the text side's projection, and vice versa
         _pool_bwd_side(dv_ptr, wsv_ptr + o_dx1_v, wsv_ptr + o_dln_v, wst_ptr + o_dother_t, vidx_ptr, M, Bv, Dv, pid,
-                       FUSING, BLOCK_B, BLOCK_D)
+                       True, TEXT_SIDE, FUSING, BLOCK_B, BLOCK_D)
     else:
         _pool_bwd_side(dt_ptr, wst_ptr + o_dx1_t, wst_ptr + o_dln_t, wsv_ptr + o_dother_v, tidx_ptr, M, Bt, Dt,
-                       pid - n_v, FUSING, BLOCK_B, BLOCK_D)
+                       pid - n_v, TEXT_SIDE, True, FUSING, BLOCK_B, BLOCK_D)
 
 
 # ---- F2..F6: the forward GEMM stages (one side each; the kernels below run both) ----------------
@@ -828,20 +833,23 @@ def _block_m(m: int) -> int:
 
 @torch.library.custom_op("fastprompt::cmpa_fwd_triton", mutates_args=())
 def cmpa_fwd_triton(visual: Tensor, text: Tensor, visual_params: list[Tensor], text_params: list[Tensor],
-                    n_head_visual: int, n_head_text: int, fusing: str, eps: float
+                    n_head_visual: int, n_head_text: int, fusing: str, eps: float, compute_text: bool
                     ) -> tuple[Tensor, Tensor, list[Tensor]]:
     sv = _Side(visual, visual_params, n_head_visual, text.shape[2])
     st = _Side(text, text_params, n_head_text, visual.shape[2])
     m = sv.m
     wsv = empty(sv.fwd["_total"], like=visual, dtype=torch.float32)
-    wst = empty(st.fwd["_total"], like=text, dtype=torch.float32)
+    # without the text side only its pooled rows (the head of its workspace) are computed and kept
+    wst = empty(st.fwd["_total"] if compute_text else st.fwd["p"], like=text, dtype=torch.float32)
     is_max = fusing == "max"
     idx_v = empty(m, sv.d, like=visual, dtype=torch.int32) if is_max else visual.new_empty(0, dtype=torch.int32)
     idx_t = empty(m, st.d, like=text, dtype=torch.int32) if is_max else text.new_empty(0, dtype=torch.int32)
-    out_v, out_t = empty(m, sv.d, like=visual), empty(m, st.d, like=text)
+    out_v = empty(m, sv.d, like=visual)
+    out_t = empty(m, st.d, like=text) if compute_text else text.new_empty(0)
     common = dict(BLOCK_M=_block_m(m), PREC=dot_precision(visual.dtype), num_warps=4)
     gemm = dict(common, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     fv, ft = sv.fwd, st.fwd
+    text_side = 1 if compute_text else 0  # without the text side its programs are left out of F2..F6
 
     # F1: pooling
     n_v = sv.pool_programs()
@@ -851,66 +859,70 @@ def cmpa_fwd_triton(visual: Tensor, text: Tensor, visual_params: list[Tensor], t
         FUSING=FUSING_CODES[fusing], BLOCK_B=POOL_BLOCK_B, BLOCK_D=POOL_BLOCK_D)
     # F2: the query-side projections from the other modality
     n_v = _tiles(sv.d)
-    _proj_kernel[(n_v + _tiles(st.d),)](
+    _proj_kernel[(n_v + text_side * _tiles(st.d),)](
         wsv, wst, fv["xbar"], fv["p"], ft["xbar"], ft["p"], sv.p.proj_weight, sv.p.proj_bias, st.p.proj_weight,
         st.p.proj_bias, m, sv.d, st.d, n_v, **gemm)
     # F3: LN1 and the q, k, v projections
     n_v = _tiles(sv.d) + _tiles(2 * sv.d)
-    _qkv_kernel[(n_v + _tiles(st.d) + _tiles(2 * st.d),)](
+    _qkv_kernel[(n_v + text_side * (_tiles(st.d) + _tiles(2 * st.d)),)](
         wsv, fv["xbar"], fv["p"], fv["stats"], fv["qkv"], sv.p.ln1_weight, sv.p.ln1_bias, sv.p.in_proj_weight,
         sv.p.in_proj_bias, sv.d,
         wst, ft["xbar"], ft["p"], ft["stats"], ft["qkv"], st.p.ln1_weight, st.p.ln1_bias, st.p.in_proj_weight,
         st.p.in_proj_bias, st.d, m, eps, n_v, **gemm)
     # F4: attention and the output projection, residual
     n_v = _tiles(sv.d)
-    _attn_out_kernel[(n_v + _tiles(st.d),)](
+    _attn_out_kernel[(n_v + text_side * _tiles(st.d),)](
         wsv, fv["xbar"], fv["qkv"], fv["probs"], fv["o"], fv["x1"], sv.p.out_proj_weight, sv.p.out_proj_bias, sv.d,
         sv.h, sv.hd, sv.scale,
         wst, ft["xbar"], ft["qkv"], ft["probs"], ft["o"], ft["x1"], st.p.out_proj_weight, st.p.out_proj_bias, st.d,
         st.h, st.hd, st.scale, m, n_v, BLOCK_N=BLOCK_N, BLOCK_HD_V=sv.block_hd, BLOCK_HD_T=st.block_hd, **common)
     # F5: LN2 and c_fc
     n_v = _tiles(sv.f)
-    _fc_kernel[(n_v + _tiles(st.f),)](
+    _fc_kernel[(n_v + text_side * _tiles(st.f),)](
         wsv, fv["x1"], fv["stats"], fv["h"], sv.p.ln2_weight, sv.p.ln2_bias, sv.p.fc_weight, sv.p.fc_bias, sv.d, sv.f,
         wst, ft["x1"], ft["stats"], ft["h"], st.p.ln2_weight, st.p.ln2_bias, st.p.fc_weight, st.p.fc_bias, st.d, st.f,
         m, eps, n_v, **gemm)
     # F6: QuickGELU and c_proj, residual
     n_v = _tiles(sv.d)
-    _cproj_kernel[(n_v + _tiles(st.d),)](
+    _cproj_kernel[(n_v + text_side * _tiles(st.d),)](
         wsv, fv["h"], fv["x1"], sv.p.cproj_weight, sv.p.cproj_bias, out_v, sv.d, sv.f,
-        wst, ft["h"], ft["x1"], st.p.cproj_weight, st.p.cproj_bias, out_t, st.d, st.f, m, n_v, **gemm)
+        wst, ft["h"], ft["x1"], st.p.cproj_weight, st.p.cproj_bias, out_t if compute_text else out_v, st.d, st.f,
+        m, n_v, **gemm)
     return out_v, out_t, [wsv, wst, idx_v, idx_t]
 
 
 @cmpa_fwd_triton.register_fake
-def _(visual, text, visual_params, text_params, n_head_visual, n_head_text, fusing, eps):
+def _(visual, text, visual_params, text_params, n_head_visual, n_head_text, fusing, eps, compute_text):
     m, _, dv = visual.shape
     dt = text.shape[2]
     lv = _fwd_layout(m, dv, n_head_visual, visual_params[10].shape[0])["_total"][0]
-    lt = _fwd_layout(m, dt, n_head_text, text_params[10].shape[0])["_total"][0]
+    lt = _fwd_layout(m, dt, n_head_text, text_params[10].shape[0])["_total" if compute_text else "p"][0]
     is_max = fusing == "max"
-    return (visual.new_empty(m, dv), text.new_empty(m, dt),
+    return (visual.new_empty(m, dv), text.new_empty((m, dt) if compute_text else (0,)),
             [visual.new_empty(lv, dtype=torch.float32), text.new_empty(lt, dtype=torch.float32),
              visual.new_empty((m, dv) if is_max else (0,), dtype=torch.int32),
              text.new_empty((m, dt) if is_max else (0,), dtype=torch.int32)])
 
 
-def _grads_like(params: CMPASideParams, ref: Tensor) -> CMPASideParams:
+def _grads_like(params: CMPASideParams) -> CMPASideParams:
     return CMPASideParams(*(empty(*p.shape, like=p) for p in params))
 
 
 @torch.library.custom_op("fastprompt::cmpa_bwd_triton", mutates_args=())
 def cmpa_bwd_triton(grad_visual_out: Optional[Tensor], grad_text_out: Optional[Tensor], visual: Tensor,
                     text: Tensor, visual_params: list[Tensor], text_params: list[Tensor], saved: list[Tensor],
-                    n_head_visual: int, n_head_text: int, fusing: str, eps: float
+                    n_head_visual: int, n_head_text: int, fusing: str, eps: float, compute_text: bool
                     ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
     sv = _Side(visual, visual_params, n_head_visual, text.shape[2])
     st = _Side(text, text_params, n_head_text, visual.shape[2])
     m = sv.m
     wsv, wst, idx_v, idx_t = saved
     bwv = empty(sv.bwd["_total"], like=visual, dtype=torch.float32)
-    bwt = empty(st.bwd["_total"], like=text, dtype=torch.float32)
-    gv, gt = _grads_like(sv.p, visual), _grads_like(st.p, text)
+    bwt = empty(st.bwd["_total"], like=text, dtype=torch.float32) if compute_text else bwv  # bwv: unused then
+    gv = _grads_like(sv.p)
+    # without the text side its programs are left out of B1..B7 (its pointers below then go unused)
+    gt = _grads_like(st.p) if compute_text else gv
+    text_side = 1 if compute_text else 0
     common = dict(BLOCK_M=_block_m(m), PREC=dot_precision(visual.dtype), num_warps=4)
     gemm = dict(common, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_W=BLOCK_W)
     fv, ft, bv, bt = sv.fwd, st.fwd, sv.bwd, st.bwd
@@ -919,21 +931,21 @@ def cmpa_bwd_triton(grad_visual_out: Optional[Tensor], grad_text_out: Optional[T
     n_v = sv.pool_programs()
     gvo = grad_visual_out if grad_visual_out is not None else visual
     gto = grad_text_out if grad_text_out is not None else text
-    _reduce_grad_kernel[(n_v + st.pool_programs(),)](
+    _reduce_grad_kernel[(n_v + text_side * st.pool_programs(),)](
         gvo, *gvo.stride(), bwv[bv["dy"]:], sv.nb, sv.d, grad_visual_out is not None,
         gto, *gto.stride(), bwt[bt["dy"]:], st.nb, st.d, grad_text_out is not None, m, n_v,
         BLOCK_B=POOL_BLOCK_B, BLOCK_D=POOL_BLOCK_D)
     # B2: through c_proj and QuickGELU
     n_v = _tiles(sv.f) + _tiles(sv.d, BLOCK_W) * _tiles(sv.f, BLOCK_W)
     n_t = _tiles(st.f) + _tiles(st.d, BLOCK_W) * _tiles(st.f, BLOCK_W)
-    _mlp_out_bwd_kernel[(n_v + n_t,)](
+    _mlp_out_bwd_kernel[(n_v + text_side * n_t,)](
         wsv, fv["h"], bwv, bv["dy"], bv["dh"], sv.p.cproj_weight, gv.cproj_weight, gv.cproj_bias, sv.d, sv.f,
         wst, ft["h"], bwt, bt["dy"], bt["dh"], st.p.cproj_weight, gt.cproj_weight, gt.cproj_bias, st.d, st.f,
         m, n_v, **gemm)
     # B3: through c_fc
     n_v = _tiles(sv.d) + _tiles(sv.f, BLOCK_W) * _tiles(sv.d, BLOCK_W)
     n_t = _tiles(st.d) + _tiles(st.f, BLOCK_W) * _tiles(st.d, BLOCK_W)
-    _fc_bwd_kernel[(n_v + n_t,)](
+    _fc_bwd_kernel[(n_v + text_side * n_t,)](
         wsv, fv["x1"], fv["stats"], bwv, bv["dh"], bv["dc"], sv.p.ln2_weight, sv.p.ln2_bias, sv.p.fc_weight,
         gv.fc_weight, gv.fc_bias, sv.d, sv.f,
         wst, ft["x1"], ft["stats"], bwt, bt["dh"], bt["dc"], st.p.ln2_weight, st.p.ln2_bias, st.p.fc_weight,
@@ -941,20 +953,20 @@ def cmpa_bwd_triton(grad_visual_out: Optional[Tensor], grad_text_out: Optional[T
     # B4: through LN2 and the output projection
     n_v = _tiles(sv.d) + _tiles(sv.d, BLOCK_W) ** 2
     n_t = _tiles(st.d) + _tiles(st.d, BLOCK_W) ** 2
-    _out_bwd_kernel[(n_v + n_t,)](
+    _out_bwd_kernel[(n_v + text_side * n_t,)](
         wsv, fv["x1"], fv["stats"], fv["o"], bwv, bv["dy"], bv["dc"], bv["dx1"], bv["do"], sv.p.ln2_weight,
         sv.p.out_proj_weight, gv.out_proj_weight, gv.out_proj_bias, gv.ln2_weight, gv.ln2_bias, sv.d,
         wst, ft["x1"], ft["stats"], ft["o"], bwt, bt["dy"], bt["dc"], bt["dx1"], bt["do"], st.p.ln2_weight,
         st.p.out_proj_weight, gt.out_proj_weight, gt.out_proj_bias, gt.ln2_weight, gt.ln2_bias, st.d, m, n_v, **gemm)
     # B5: attention, one program per head
-    _attn_bwd_kernel[(sv.h + st.h,)](
+    _attn_bwd_kernel[(sv.h + text_side * st.h,)](
         wsv, fv["qkv"], fv["probs"], bwv, bv["do"], bv["dqkv"], sv.d, sv.hd, sv.scale,
         wst, ft["qkv"], ft["probs"], bwt, bt["do"], bt["dqkv"], st.d, st.hd, st.scale, m, sv.h,
         BLOCK_M=common["BLOCK_M"], BLOCK_HD_V=sv.block_hd, BLOCK_HD_T=st.block_hd, num_warps=4)
     # B6: through the q, k, v projections
     n_v = _tiles(sv.d) + _tiles(3 * sv.d, BLOCK_W) * _tiles(sv.d, BLOCK_W)
     n_t = _tiles(st.d) + _tiles(3 * st.d, BLOCK_W) * _tiles(st.d, BLOCK_W)
-    _in_bwd_kernel[(n_v + n_t,)](
+    _in_bwd_kernel[(n_v + text_side * n_t,)](
         wsv, fv["p"], fv["xbar"], fv["stats"], bwv, bv["dqkv"], bv["da"], bv["db"], sv.p.ln1_weight, sv.p.ln1_bias,
         sv.p.in_proj_weight, gv.in_proj_weight, gv.in_proj_bias, sv.d,
         wst, ft["p"], ft["xbar"], ft["stats"], bwt, bt["dqkv"], bt["da"], bt["db"], st.p.ln1_weight, st.p.ln1_bias,
@@ -962,7 +974,7 @@ def cmpa_bwd_triton(grad_visual_out: Optional[Tensor], grad_text_out: Optional[T
     # B7: through LN1 (both uses) and the cross-modal projection
     n_v = _tiles(st.d) + _tiles(sv.d, BLOCK_W) * _tiles(st.d, BLOCK_W)
     n_t = _tiles(sv.d) + _tiles(st.d, BLOCK_W) * _tiles(sv.d, BLOCK_W)
-    _proj_bwd_kernel[(n_v + n_t,)](
+    _proj_bwd_kernel[(n_v + text_side * n_t,)](
         wsv, fv["p"], fv["xbar"], fv["stats"], bwv, bv["da"], bv["db"], bv["dxbar_ln"], bv["dother"],
         sv.p.ln1_weight, sv.p.proj_weight, gv.proj_weight, gv.proj_bias, gv.ln1_weight, gv.ln1_bias, sv.d,
         wst, ft["p"], ft["xbar"], ft["stats"], bwt, bt["da"], bt["db"], bt["dxbar_ln"], bt["dother"],
@@ -974,16 +986,18 @@ def cmpa_bwd_triton(grad_visual_out: Optional[Tensor], grad_text_out: Optional[T
     _pool_bwd_kernel[(n_v + st.pool_bwd_programs(),)](
         dvisual, bwv, idx_v if fusing == "max" else bwv, sv.nb, sv.d, bv["dx1"], bv["dxbar_ln"],
         dtext, bwt, idx_t if fusing == "max" else bwt, st.nb, st.d, bt["dx1"], bt["dxbar_ln"], bv["dother"],
-        bt["dother"], m, n_v, FUSING=FUSING_CODES[fusing], BLOCK_B=POOL_BLOCK_B, BLOCK_D=POOL_BLOCK_D)
-    return dvisual, dtext, list(gv), list(gt)
+        bt["dother"], m, n_v, TEXT_SIDE=compute_text, FUSING=FUSING_CODES[fusing], BLOCK_B=POOL_BLOCK_B,
+        BLOCK_D=POOL_BLOCK_D)
+    return dvisual, dtext, list(gv), (list(gt) if compute_text else [p.new_empty(0) for p in st.p])
 
 
 @cmpa_bwd_triton.register_fake
 def _(grad_visual_out, grad_text_out, visual, text, visual_params, text_params, saved, n_head_visual, n_head_text,
-      fusing, eps):
+      fusing, eps, compute_text):
     return (torch.empty_like(visual, memory_format=torch.contiguous_format),
             torch.empty_like(text, memory_format=torch.contiguous_format),
-            [torch.empty_like(p) for p in visual_params], [torch.empty_like(p) for p in text_params])
+            [torch.empty_like(p) for p in visual_params],
+            [torch.empty_like(p) if compute_text else p.new_empty(0) for p in text_params])
 
 
 def supports(problem: dict) -> Optional[str]:

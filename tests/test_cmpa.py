@@ -157,11 +157,12 @@ def test_triton_launch_budget(device, fusing):
     if dev.type == "cuda":  # and nothing else runs on the GPU inside the raw ops
         vp = [p.detach() for p in module.side_params("visual")]
         tp = [p.detach() for p in module.side_params("text")]
-        args = (visual.detach(), text.detach(), vp, tp, 3, 5, fusing, 1e-5)
+        args = (visual.detach(), text.detach(), vp, tp, 3, 5, fusing, 1e-5, True)
         fwd_kernels = _cuda_kernels(lambda: torch.ops.fastprompt.cmpa_fwd_triton(*args))
         _, _, saved = torch.ops.fastprompt.cmpa_fwd_triton(*args)
         bwd_kernels = _cuda_kernels(lambda: torch.ops.fastprompt.cmpa_bwd_triton(
-            torch.ones(3, 4, 24, device=dev), torch.ones(3, 6, 40, device=dev), *args[:4], saved, 3, 5, fusing, 1e-5))
+            torch.ones(3, 4, 24, device=dev), torch.ones(3, 6, 40, device=dev), *args[:4], saved, 3, 5, fusing, 1e-5,
+            True))
         assert fwd_kernels <= 6 and bwd_kernels <= 8, (fwd_kernels, bwd_kernels)
 
 
@@ -290,19 +291,52 @@ def test_gradcheck_float64(fusing):
     assert torch.autograd.gradcheck(fn, (visual, text, *vp, *tp))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fusing", FUSINGS)
-def test_opcheck_raw_ops(fusing):
+@pytest.mark.parametrize("compute_text", [True, False], ids=["both-sides", "visual-only"])
+def test_opcheck_raw_ops(backend, fusing, compute_text):
+    require_backend("cmpa", backend, "cpu")
+    fwd = getattr(torch.ops.fastprompt, f"cmpa_fwd_{backend}").default
+    bwd = getattr(torch.ops.fastprompt, f"cmpa_bwd_{backend}").default
     module = make_module(24, 3, 40, 5, fusing)
     vp = [p.detach() for p in module.side_params("visual")]
     tp = [p.detach() for p in module.side_params("text")]
     visual, text = torch.randn(3, 4, 24), torch.randn(3, 6, 40)
-    args = (visual, text, vp, tp, 3, 5, fusing, 1e-5)
-    torch.library.opcheck(torch.ops.fastprompt.cmpa_fwd_reference.default, args)
-    _, _, saved = torch.ops.fastprompt.cmpa_fwd_reference(*args)
-    for gv, gt in [(torch.randn(3, 4, 24), torch.randn(3, 6, 40)), (None, torch.randn(3, 6, 40)),
-                   (torch.ones(3, 1, 24).expand(3, 4, 24), None)]:
-        torch.library.opcheck(torch.ops.fastprompt.cmpa_bwd_reference.default,
-                              (gv, gt, visual, text, vp, tp, saved, 3, 5, fusing, 1e-5))
+    args = (visual, text, vp, tp, 3, 5, fusing, 1e-5, compute_text)
+    torch.library.opcheck(fwd, args)
+    _, _, saved = fwd(*args)
+    upstreams = [(torch.randn(3, 4, 24), torch.randn(3, 6, 40) if compute_text else None),
+                 (torch.ones(3, 1, 24).expand(3, 4, 24), None)]
+    if compute_text:
+        upstreams.append((None, torch.randn(3, 6, 40)))
+    for gv, gt in upstreams:
+        torch.library.opcheck(bwd, (gv, gt, visual, text, vp, tp, saved, 3, 5, fusing, 1e-5, compute_text))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fusing", FUSINGS)
+def test_visual_side_only(backend, fusing):
+    """compute_text=False: the visual output and every gradient it sends back, the text input's through
+    proj_t2v included, as with both sides and no gradient from the text output; no text parameter gets one."""
+    dev = require_backend("cmpa", backend, "cpu")
+    m, b, c = 3, 5, 4
+    module = make_module(24, 3, 40, 5, fusing, seed=16, backend=backend).to(dev)
+    module.compute_text = False
+    visual, text = leaf(torch.randn(m, b, 24)), leaf(torch.randn(m, c, 40))
+    upstream = torch.randn(m, b, 24)
+    with poisoned_outputs():
+        new_v, new_t = module(visual, text)
+    assert new_t is None
+    new_v.backward(upstream)
+    ref_outs, ref_grads = run_naive(module, visual, text, (3, 5), [upstream, torch.zeros(m, c, 40)])
+    assert_close("new_visual", new_v, ref_outs[0])
+    assert_close("grad visual", visual.grad, ref_grads["visual"])
+    assert_close("grad text", text.grad, ref_grads["text"])
+    for name, p in module.named_parameters():
+        if name.endswith("_text") or "_text." in name or name.startswith("proj_v2t"):
+            assert p.grad is None, name
+        else:
+            assert_close(f"grad {name}", p.grad, ref_grads[name])
 
 
 @pytest.mark.slow

@@ -66,22 +66,27 @@ def block_forward(block: nn.Module, x: Tensor, *, causal: bool = False, x_ln: Op
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-def run_blocks(blocks, x: Tensor, hooks: BlockHooks = NO_HOOKS, *, causal: bool = False,
-               checkpoint: bool = False) -> Tensor:
-    """The blocks in order, with the hooks around each; `checkpoint` recomputes each block in the backward
-    (activation checkpointing) to bound the memory of many sequences."""
-    for layer, block in enumerate(blocks):
-        x, x_ln = hooks.before(layer, x)
-        if checkpoint and torch.is_grad_enabled():
-            x = activation_checkpoint(_block_call, block, x, causal, x_ln, use_reentrant=False)
-        else:
-            x = block_forward(block, x, causal=causal, x_ln=x_ln)
-        x = hooks.after(layer, x)
-    return x
+def apply_block(block: nn.Module, x: Tensor, *, causal: bool = False, x_ln: Optional[Tensor] = None,
+                checkpoint: bool = False) -> Tensor:
+    """block_forward, recomputed in the backward instead of keeping its activations when `checkpoint`
+    (activation checkpointing bounds the memory of methods that run many sequences)."""
+    if checkpoint and torch.is_grad_enabled():
+        return activation_checkpoint(_block_call, block, x, causal, x_ln, use_reentrant=False)
+    return block_forward(block, x, causal=causal, x_ln=x_ln)
 
 
 def _block_call(block, x, causal, x_ln):
     return block_forward(block, x, causal=causal, x_ln=x_ln)
+
+
+def run_blocks(blocks, x: Tensor, hooks: BlockHooks = NO_HOOKS, *, causal: bool = False,
+               checkpoint: bool = False) -> Tensor:
+    """The blocks in order, with the hooks around each."""
+    for layer, block in enumerate(blocks):
+        x, x_ln = hooks.before(layer, x)
+        x = apply_block(block, x, causal=causal, x_ln=x_ln, checkpoint=checkpoint)
+        x = hooks.after(layer, x)
+    return x
 
 
 class ClipBackbone(nn.Module):
@@ -125,9 +130,13 @@ class ClipBackbone(nn.Module):
         for name, blocks in (("image", visual.transformer.resblocks), ("text", text.transformer.resblocks)):
             for block in blocks:
                 _check_block(block, name)
-        self._text = text
         self.text_pool = pool
         self.eos_id = getattr(model, "text_eos_id", getattr(text, "eos_id", None))
+
+    @property
+    def _text(self) -> nn.Module:
+        """The module holding the text tower's parts: the CLIP itself, or CustomTextCLIP's `text`."""
+        return self.model.text if hasattr(self.model, "text") else self.model
 
     @property
     def visual(self):

@@ -74,16 +74,24 @@ class PromptMethod(nn.Module):
         """Parameters to optimise (parameter groups where the method uses several learning rates)."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def _untrained_names(self) -> set:
+        """Parameter names a checkpoint leaves out: the frozen CLIP and any frozen part of the method (such as
+        DCP's text half of CMPA when couple_text=False)."""
+        return {n for n, p in self.named_parameters() if not p.requires_grad or n.startswith("clip.")}
+
     @staticmethod
     def _drop_clip_keys(module, state_dict, prefix, local_metadata):
-        """state_dict hook: the frozen CLIP is not part of a method checkpoint (kilobytes, not the backbone)."""
+        """state_dict hook: a method checkpoint holds what the method trains (kilobytes, not the backbone)."""
+        for name in module._untrained_names():
+            state_dict.pop(prefix + name, None)
         for key in [k for k in state_dict if k.startswith(prefix + "clip.")]:
             del state_dict[key]
 
-    @staticmethod
-    def _ignore_missing_clip_keys(module, incompatible_keys):
-        """load_state_dict post-hook: loading a method checkpoint leaves the frozen CLIP as it is."""
-        kept = [k for k in incompatible_keys.missing_keys if ".clip.model." not in "." + k]
+    def _ignore_missing_clip_keys(self, incompatible_keys):
+        """load_state_dict post-hook: loading a method checkpoint leaves the untrained parameters as they are."""
+        untrained = self._untrained_names()
+        kept = [k for k in incompatible_keys.missing_keys
+                if ".clip.model." not in "." + k and not any(k == u or k.endswith("." + u) for u in untrained)]
         incompatible_keys.missing_keys[:] = kept
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

@@ -45,6 +45,9 @@ class CrossModalPromptAttention(nn.Module):
         batch_first: inputs and outputs are (B, M, Dv) and (C, M, Dt) instead of LND.
         backend: "auto", "reference", "triton" or "cuda" (the attribute `backend` can be changed later).
 
+    The attribute `compute_text` (default True; not in the original) set to False computes the visual side
+    only: forward then returns (new_visual, None) and the text side's parameters take no part.
+
     forward(visual_context (M, B, Dv), textual_context (M, C, Dt)) -> (new_visual, new_textual), the
     results broadcast over B and C as stride-0 `expand` views, exactly as the original returns them.
     """
@@ -63,6 +66,7 @@ class CrossModalPromptAttention(nn.Module):
         self.fusing = fusing
         self.batch_first = batch_first
         self.backend = backend
+        self.compute_text = True
         # Registration order and names follow the original, so state_dict() lists the same keys in the
         # same order.
         self.promt_attention_visual = nn.MultiheadAttention(d_model_visual, n_head_visual)
@@ -95,9 +99,10 @@ class CrossModalPromptAttention(nn.Module):
         new_visual, new_text = cross_modal_prompt_attention(
             visual_context, textual_context, self.side_params("visual"), self.side_params("text"),
             n_head_visual=self.promt_attention_visual.num_heads, n_head_text=self.promt_attention_text.num_heads,
-            fusing=self.fusing, eps=eps, backend=self.backend)
+            fusing=self.fusing, eps=eps, backend=self.backend, compute_text=self.compute_text)
         if self.batch_first:
-            new_visual, new_text = new_visual.transpose(0, 1), new_text.transpose(0, 1)
+            new_visual = new_visual.transpose(0, 1)
+            new_text = new_text.transpose(0, 1) if new_text is not None else None
         return new_visual, new_text
 
     def extra_repr(self) -> str:

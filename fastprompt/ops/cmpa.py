@@ -17,34 +17,38 @@ class CrossModalPromptAttentionFunction(torch.autograd.Function):
     """Both sides of CMPA through one backend's `fastprompt::cmpa_{fwd,bwd}_<backend>` pair.
 
     Returns the new visual and text prompts broadcast back over B and C as stride-0 `expand` views,
-    as the original module does; the backward receives the gradients at that broadcast shape.
+    as the original module does (the text output is None without compute_text); the backward receives the
+    gradients at that broadcast shape.
     """
 
     @staticmethod
     def forward(ctx, visual: Tensor, text: Tensor, backend: str, n_head_visual: int, n_head_text: int,
-                fusing: str, eps: float, *params: Tensor):
+                fusing: str, eps: float, compute_text: bool, *params: Tensor):
         impl = _impls[("cmpa", backend)]
         vp, tp = list(params[:N_SIDE_PARAMS]), list(params[N_SIDE_PARAMS:])
-        out_v, out_t, saved = impl.forward(visual, text, vp, tp, n_head_visual, n_head_text, fusing, eps)
+        out_v, out_t, saved = impl.forward(visual, text, vp, tp, n_head_visual, n_head_text, fusing, eps,
+                                           compute_text)
         ctx.save_for_backward(visual, text, *params, *saved)
-        ctx.config = (backend, n_head_visual, n_head_text, fusing, eps)
+        ctx.config = (backend, n_head_visual, n_head_text, fusing, eps, compute_text)
         ctx.set_materialize_grads(False)
         m, b, _ = visual.shape
         c = text.shape[1]
-        return out_v.unsqueeze(1).expand(m, b, -1), out_t.unsqueeze(1).expand(m, c, -1)
+        new_v = out_v.unsqueeze(1).expand(m, b, -1)
+        return new_v, (out_t.unsqueeze(1).expand(m, c, -1) if compute_text else None)
 
     @staticmethod
     def backward(ctx, grad_visual: Optional[Tensor], grad_text: Optional[Tensor]):
-        backend, n_head_visual, n_head_text, fusing, eps = ctx.config
-        n_config = 5
+        backend, n_head_visual, n_head_text, fusing, eps, compute_text = ctx.config
+        n_config = 6
         if grad_visual is None and grad_text is None:
             return (None,) * (2 + n_config + 2 * N_SIDE_PARAMS)
         visual, text, *rest = ctx.saved_tensors
         vp, tp, saved = rest[:N_SIDE_PARAMS], rest[N_SIDE_PARAMS:2 * N_SIDE_PARAMS], rest[2 * N_SIDE_PARAMS:]
         impl = _impls[("cmpa", backend)]
         dvisual, dtext, dvp, dtp = impl.backward(grad_visual, grad_text, visual, text, vp, tp, saved,
-                                                 n_head_visual, n_head_text, fusing, eps)
-        return (dvisual, dtext) + (None,) * n_config + tuple(dvp) + tuple(dtp)
+                                                 n_head_visual, n_head_text, fusing, eps, compute_text)
+        dtp = tuple(dtp) if compute_text else (None,) * N_SIDE_PARAMS
+        return (dvisual, dtext) + (None,) * n_config + tuple(dvp) + dtp
 
 
 def _check_side_params(side: str, p: CMPASideParams, d: int, d_other: int, n_head: int) -> None:
@@ -66,8 +70,8 @@ def _check_side_params(side: str, p: CMPASideParams, d: int, d_other: int, n_hea
 
 def cross_modal_prompt_attention(visual: Tensor, text: Tensor, visual_params: Sequence[Tensor],
                                  text_params: Sequence[Tensor], *, n_head_visual: int, n_head_text: int,
-                                 fusing: str = "mean", eps: float = 1e-5, backend: str = "auto"
-                                 ) -> tuple[Tensor, Tensor]:
+                                 fusing: str = "mean", eps: float = 1e-5, backend: str = "auto",
+                                 compute_text: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """Cross-modal prompt attention of DCP (both sides), in the LND layout of the original module.
 
     Args:
@@ -80,6 +84,8 @@ def cross_modal_prompt_attention(visual: Tensor, text: Tensor, visual_params: Se
         fusing: pooling over B and C: "mean", "first" or "max".
         eps: LayerNorm epsilon.
         backend: "auto", "reference", "triton" or "cuda" (see fastprompt.backends).
+        compute_text: False computes the visual side only (the text input still feeds the visual query and
+            gets its gradient through it); new_text is then None and the text parameters get no gradient.
 
     Returns:
         (new_visual (M, B, Dv), new_text (M, C, Dt)): stride-0 broadcasts of one (M, D) result per side.
@@ -109,7 +115,7 @@ def cross_modal_prompt_attention(visual: Tensor, text: Tensor, visual_params: Se
     dtype = v.check_dtypes(OP, named)
     problem = dict(dtype=dtype, m=m, b=visual.shape[1], c=text.shape[1], dv=dv, dt=dt,
                    n_head_visual=n_head_visual, n_head_text=n_head_text, fusing=fusing,
-                   mlp_visual=vp.fc_weight.shape[0], mlp_text=tp.fc_weight.shape[0])
+                   mlp_visual=vp.fc_weight.shape[0], mlp_text=tp.fc_weight.shape[0], compute_text=compute_text)
     impl = select("cmpa", backend, device, problem)
     return CrossModalPromptAttentionFunction.apply(tensors[0], tensors[1], impl.backend, n_head_visual, n_head_text,
-                                                   fusing, eps, *tensors[2:])
+                                                   fusing, eps, bool(compute_text), *tensors[2:])

@@ -137,45 +137,49 @@ def _upcast(params: list[Tensor], cd: torch.dtype) -> CMPASideParams:
 
 @torch.library.custom_op("fastprompt::cmpa_fwd_reference", mutates_args=())
 def cmpa_fwd_reference(visual: Tensor, text: Tensor, visual_params: list[Tensor], text_params: list[Tensor],
-                       n_head_visual: int, n_head_text: int, fusing: str, eps: float
+                       n_head_visual: int, n_head_text: int, fusing: str, eps: float, compute_text: bool
                        ) -> tuple[Tensor, Tensor, list[Tensor]]:
     with no_autocast(visual.device):
         cd = compute_dtype(visual.dtype)
         vbar, vidx = pool(visual, fusing, cd)
         tbar, tidx = pool(text, fusing, cd)
         out_v, _ = side_forward(vbar, tbar, _upcast(visual_params, cd), n_head_visual, eps)
-        out_t, _ = side_forward(tbar, vbar, _upcast(text_params, cd), n_head_text, eps)
-    return out_v.to(visual.dtype), out_t.to(text.dtype), [vbar, tbar, vidx, tidx]
+        if compute_text:
+            out_t = side_forward(tbar, vbar, _upcast(text_params, cd), n_head_text, eps)[0].to(text.dtype)
+        else:  # the visual side alone (DCP as its public code runs it): the text side is never computed
+            out_t = text.new_empty(0)
+    return out_v.to(visual.dtype), out_t, [vbar, tbar, vidx, tidx]
 
 
 @cmpa_fwd_reference.register_fake
-def _(visual, text, visual_params, text_params, n_head_visual, n_head_text, fusing, eps):
+def _(visual, text, visual_params, text_params, n_head_visual, n_head_text, fusing, eps, compute_text):
     m, _, dv = visual.shape
     dt = text.shape[2]
     cd = compute_dtype(visual.dtype)
     idx_v = visual.new_empty((m, dv) if fusing == "max" else (0,), dtype=torch.int64)
     idx_t = text.new_empty((m, dt) if fusing == "max" else (0,), dtype=torch.int64)
-    return (visual.new_empty(m, dv), text.new_empty(m, dt),
+    return (visual.new_empty(m, dv), text.new_empty((m, dt) if compute_text else (0,)),
             [visual.new_empty((m, dv), dtype=cd), text.new_empty((m, dt), dtype=cd), idx_v, idx_t])
 
 
 @torch.library.custom_op("fastprompt::cmpa_bwd_reference", mutates_args=())
 def cmpa_bwd_reference(grad_visual_out: Optional[Tensor], grad_text_out: Optional[Tensor], visual: Tensor,
                        text: Tensor, visual_params: list[Tensor], text_params: list[Tensor], saved: list[Tensor],
-                       n_head_visual: int, n_head_text: int, fusing: str, eps: float
+                       n_head_visual: int, n_head_text: int, fusing: str, eps: float, compute_text: bool
                        ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+    """Without compute_text the text parameters get empty gradients (they took no part)."""
     with no_autocast(visual.device):
         vbar, tbar, vidx, tidx = saved
         cd = vbar.dtype
         pv, pt = _upcast(visual_params, cd), _upcast(text_params, cd)
         dvbar, dtbar = torch.zeros_like(vbar), torch.zeros_like(tbar)
         grads_v = [torch.zeros_like(t) for t in pv]
-        grads_t = [torch.zeros_like(t) for t in pt]
+        grads_t = [torch.zeros_like(t) for t in pt] if compute_text else [t.new_empty(0) for t in pt]
         if grad_visual_out is not None:  # the broadcast over B is summed back here
             dv_own, dt_cross, grads_v = side_backward(grad_visual_out.sum(1, dtype=cd), vbar, tbar, pv,
                                                       n_head_visual, eps)
             dvbar, dtbar = dvbar + dv_own, dtbar + dt_cross
-        if grad_text_out is not None:
+        if grad_text_out is not None and compute_text:
             dt_own, dv_cross, grads_t = side_backward(grad_text_out.sum(1, dtype=cd), tbar, vbar, pt,
                                                       n_head_text, eps)
             dvbar, dtbar = dvbar + dv_cross, dtbar + dt_own
@@ -187,10 +191,11 @@ def cmpa_bwd_reference(grad_visual_out: Optional[Tensor], grad_text_out: Optiona
 
 @cmpa_bwd_reference.register_fake
 def _(grad_visual_out, grad_text_out, visual, text, visual_params, text_params, saved, n_head_visual, n_head_text,
-      fusing, eps):
+      fusing, eps, compute_text):
     return (torch.empty_like(visual, memory_format=torch.contiguous_format),
             torch.empty_like(text, memory_format=torch.contiguous_format),
-            [torch.empty_like(p) for p in visual_params], [torch.empty_like(p) for p in text_params])
+            [torch.empty_like(p) for p in visual_params],
+            [torch.empty_like(p) if compute_text else p.new_empty(0) for p in text_params])
 
 
 def cmpa_eager(visual: Tensor, text: Tensor, visual_params, text_params, n_head_visual: int, n_head_text: int,

@@ -1,0 +1,88 @@
+"""DCP, Deeply Coupled Cross-modal Prompt learning (Liu et al., ACL Findings 2023; public code GingL/CMPA).
+
+M learnable text prompts (rows 1..M of every class's sequence) and M visual prompts (appended after the patch
+tokens before ln_pre). Before each block 1..depth, cross-modal prompt attention (CMPA) takes the prompt rows
+the previous block wrote (x_v[:, -M:], x_t[:, 1:1+M]) and its outputs replace them; the two towers are
+stepped layer by layer together. One CMPA is shared by all layers by default.
+
+couple_text=True (default, the paper) writes CMPA's text output back into the text stream; couple_text=False
+reproduces the public code, which never does, and then the text half of CMPA is neither computed nor trained.
+The visual pooling of CMPA mixes the images of a batch: under torch.distributed the visual prompt rows of all
+ranks are gathered before CMPA, so a DDP run equals a single-process run over the same global batch, and the
+logits depend on the evaluation batch (the harness logs its size).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..clip import Slot, apply_block, clean_classname
+from ..modules import CrossModalPromptAttention
+from .base import PromptMethod, append_with_ln, check_depth, normal_init, replace_with_ln
+from .coop import TextPrompts
+from .distributed import gather_rows
+from .maple import first_words_context
+
+
+class DCP(PromptMethod):
+    """DCP. Config: n_ctx (16), depth (9: CMPA before blocks 1..depth), fusing ("mean"), parameter_sharing
+    (True), couple_text (True), ctx_init (used only when n_ctx <= 4, as in the public code)."""
+
+    name = "dcp"
+    text_depends_on_images = True
+
+    def __init__(self, clip_model, classnames: Iterable[str], *, n_ctx: int = 16, depth: int = 9,
+                 fusing: str = "mean", parameter_sharing: bool = True, couple_text: bool = True,
+                 ctx_init: Optional[str] = "a photo of a", checkpoint_text: bool = False, backend: str = "auto"):
+        super().__init__(clip_model, classnames, backend)
+        clip = self.clip
+        if clip.vision_layers != clip.text_layers:
+            raise ValueError(f"dcp couples the towers layer by layer, but this model's image tower has "
+                             f"{clip.vision_layers} blocks and its text tower {clip.text_layers}")
+        check_depth(self.name, depth, clip.vision_layers - 1, "CMPA")
+        self.n_ctx, self.depth, self.couple_text = n_ctx, depth, couple_text
+        self.checkpoint_text = checkpoint_text
+        self.prompts_text, words = first_words_context(clip, n_ctx, ctx_init)
+        self.prompts_visual = normal_init((n_ctx, clip.vision_width))
+
+        def make_cmpa():
+            m = CrossModalPromptAttention(clip.vision_width, clip.vision_heads, clip.text_width, clip.text_heads,
+                                          fusing=fusing, batch_first=True, backend=backend)
+            m.compute_text = couple_text
+            if not couple_text:  # the public code's text half: never computed, never trained
+                for name, p in m.named_parameters():
+                    if "_text." in name or name.startswith("proj_v2t"):
+                        p.requires_grad_(False)
+            return m
+
+        self.parameter_sharing = parameter_sharing
+        self.cmpa = make_cmpa() if parameter_sharing else nn.ModuleList([make_cmpa() for _ in range(depth)])
+        self.prompts = TextPrompts(clip, [[Slot("ctx", n_ctx), words + " " + clean_classname(c) + "."]
+                                          for c in self.classnames], backend)
+
+    def cmpa_at(self, layer: int) -> CrossModalPromptAttention:
+        return self.cmpa if self.parameter_sharing else self.cmpa[layer - 1]
+
+    def towers(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Image features (B, E) and text features (C, E), the towers stepped together."""
+        clip, m = self.clip, self.n_ctx
+        xv = append_with_ln(clip.image_tokens(images), self.prompts_visual, clip.ln_pre, self.backend)
+        xt = clip.text_stream(self.prompts.write(self.prompts.embeddings, "ctx", self.prompts_text))
+        for layer, (vblock, tblock) in enumerate(zip(clip.vision_blocks, clip.text_blocks)):
+            xv_ln = xt_ln = None
+            if 1 <= layer <= self.depth:
+                rows_v, local = gather_rows(xv[:, -m:])  # every rank's rows: the pooling sees the global batch
+                new_v, new_t = self.cmpa_at(layer)(rows_v, xt[:, 1:1 + m])
+                xv, xv_ln = replace_with_ln(xv, new_v[local], None, vblock.ln_1, self.backend)
+                if self.couple_text:
+                    xt, xt_ln = replace_with_ln(xt, new_t, 1, tblock.ln_1, self.backend)
+            xv = apply_block(vblock, xv, x_ln=xv_ln)
+            xt = apply_block(tblock, xt, causal=True, x_ln=xt_ln, checkpoint=self.checkpoint_text)
+        return clip.image_features(xv), clip.text_features(xt, self.prompts.eot)
+
+    def logits_and_extras(self, images: Tensor):
+        image_features, text_features = self.towers(images)
+        return self.clip_logits(image_features, text_features), {}
