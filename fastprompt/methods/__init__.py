@@ -12,6 +12,7 @@ import inspect
 from typing import Iterable
 
 from .base import PromptMethod
+from .checkpoints import load_public_checkpoint
 
 # name -> "module:class" under fastprompt.methods
 METHODS: dict[str, str] = {
@@ -50,4 +51,4 @@ def build(name: str, clip_model, classnames: Iterable[str], **config) -> PromptM
     return method_class(name)(clip_model, classnames, **config)
 
 
-__all__ = ["METHODS", "PromptMethod", "build", "method_class", "options"]
+__all__ = ["METHODS", "PromptMethod", "build", "load_public_checkpoint", "method_class", "options"]

@@ -1,0 +1,168 @@
+"""What every method must do on a tiny open_clip CLIP with random weights: shapes; gradients reach every
+trained parameter and no frozen one; a state_dict round trip restores the logits; 30 SGD steps on a fixed
+batch lower the loss; the reference and triton backends give the same logits and gradients; evaluation
+computes static text features once; bad names and options are refused clearly."""
+
+import pytest
+import torch
+
+import fastprompt
+from fastprompt import methods
+
+from .helpers import require_backend
+from .method_helpers import CLASSNAMES, batch, build, tiny_clip
+
+ALL = list(methods.METHODS)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_forward_shapes_and_loss(name):
+    method = build(name)
+    images, labels = batch()
+    logits = method(images)
+    assert logits.shape == (3, len(CLASSNAMES)) and torch.isfinite(logits).all()
+    loss = method.loss(images, labels)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_gradients_reach_every_trained_parameter_and_no_frozen_one(name):
+    method = build(name)
+    images, labels = batch()
+    method.loss(images, labels).backward()
+    for n, p in method.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.count_nonzero(p.grad) > 0, f"{n} gets no gradient"
+        else:
+            assert p.grad is None, f"frozen {n} got a gradient"
+    assert all(not p.requires_grad for p in method.clip.parameters())
+    trained = {id(p) for p in method.parameters() if p.requires_grad}
+    groups = method.trainable_parameters()
+    listed = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    assert {id(p) for p in listed} == trained and len(listed) == len(trained)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_dict_holds_only_what_is_trained_and_round_trips(name):
+    method = build(name, seed=0)
+    images, _ = batch()
+    state = method.state_dict()
+    assert state and not any(k.startswith("clip.") for k in state)
+    trained = {n for n, p in method.named_parameters() if p.requires_grad}
+    assert set(state) == trained
+    other = build(name, seed=1)
+    other.load_state_dict(state)
+    method.eval(), other.eval()
+    with torch.no_grad():
+        assert torch.equal(method(images), other(images))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_thirty_sgd_steps_lower_the_loss(name):
+    method = build(name)
+    images, labels = batch()
+    opt = torch.optim.SGD(method.trainable_parameters(), lr=0.02, momentum=0.9)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = method.loss(images, labels)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reference_and_triton_backends_agree_on_the_whole_model(name):
+    require_backend("cmpa", "triton", "cpu")
+    images, labels = batch()
+    results = {}
+    for backend in ("reference", "triton"):
+        method = build(name, backend=backend)
+        loss = method.loss(images, labels)
+        loss.backward()
+        results[backend] = (method(images).detach(), loss.detach(),
+                            {n: p.grad for n, p in method.named_parameters() if p.requires_grad})
+    (logits_r, loss_r, grads_r), (logits_t, loss_t, grads_t) = results["reference"], results["triton"]
+    torch.testing.assert_close(logits_t, logits_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_t, loss_r, rtol=1e-5, atol=1e-6)
+    for n, g in grads_r.items():
+        scale = g.abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(grads_t[n] / scale, g / scale, rtol=0, atol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if not methods.method_class(n).text_depends_on_images
+                                  and hasattr(methods.method_class(n), "text_features")])
+def test_evaluation_computes_static_text_features_once(name):
+    method = build(name)
+    images, _ = batch()
+    calls = []
+    original = method.text_features
+    method.text_features = lambda: calls.append(1) or original()
+    method.eval()
+    with torch.no_grad():
+        first = method(images)
+        second = method(images[:2])
+    assert len(calls) == 1 and torch.equal(first[:2], second)
+    method.train()
+    method(images)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("name", ["coop", "cocoop", "vpt_deep", "tmml"])
+def test_text_only_methods_run_the_image_tower_without_autograd(name):
+    method = build(name)
+    images, labels = batch()
+    seen = []
+    original = method.clip.encode_image
+    method.clip.encode_image = lambda x: seen.append(torch.is_grad_enabled()) or original(x)
+    method.loss(images, labels).backward()
+    if name != "vpt_deep":  # VPT-deep prompts the image tower: its plain encode_image is only the text side's
+        assert seen and not any(seen)
+
+
+def test_class_chunking_and_checkpointing_change_nothing():
+    images, labels = batch()
+    plain, chunked = build("coop", seed=2), build("coop", seed=2, class_chunk=2, checkpoint_text=True)
+    plain.loss(images, labels).backward()
+    chunked.loss(images, labels).backward()
+    torch.testing.assert_close(chunked(images), plain(images))
+    torch.testing.assert_close(chunked.ctx.grad, plain.ctx.grad)
+
+
+def test_unknown_method_and_option_are_refused():
+    with pytest.raises(ValueError, match="unknown method 'copo'; methods are coop, cocoop"):
+        methods.build("copo", tiny_clip(), CLASSNAMES)
+    with pytest.raises(ValueError, match="coop has no option n_tokens; its options are n_ctx=16"):
+        methods.build("coop", tiny_clip(), CLASSNAMES, n_tokens=4)
+    with pytest.raises(ValueError, match="depth 9 is out of range: this model's tower has 4 blocks"):
+        methods.build("maple", tiny_clip(), CLASSNAMES)
+    with pytest.raises(ValueError, match="no class names"):
+        methods.build("coop", tiny_clip(), [])
+
+
+def test_unsupported_models_get_a_clear_error():
+    import open_clip
+
+    resnet = open_clip.model.CLIP(32, dict(layers=(1, 1, 1, 1), width=16, image_size=32),
+                                  dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=1))
+    with pytest.raises(fastprompt.clip.UnsupportedModelError, match="ModifiedResNet; fastprompt drives ViT image towers"):
+        methods.build("coop", resnet, CLASSNAMES)
+    pooled = open_clip.model.CLIP(32, dict(image_size=32, patch_size=8, width=32, head_width=16, layers=1,
+                                           pool_type="avg"),
+                                  dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=1))
+    with pytest.raises(fastprompt.clip.UnsupportedModelError, match="class token"):
+        methods.build("coop", pooled, CLASSNAMES)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast in bf16/fp16 is checked on a GPU")
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_on_cuda(name, dtype):
+    method = build(name).cuda()
+    images, labels = batch()
+    with torch.autocast("cuda", dtype=dtype):
+        loss = method.loss(images.cuda(), labels.cuda())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in method.parameters())
