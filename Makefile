@@ -1,20 +1,23 @@
 # The two commands of the README's quick start. Each sets up everything it needs on a fresh machine
 # (a virtual environment in .venv with fastprompt installed in editable mode) and then runs:
-#   make demo   the main job: the ops at CLIP sizes on every available backend, checked against the
-#               float64 reference, then `fastprompt info`
+#   make train  the main job: `fastprompt train` on its built-in default (DCP on the built-in shapes)
 #   make test   the test suite, Triton kernels under the interpreter on a CPU machine (what CI runs)
+# and besides: make demo (the ops on every backend against float64), make bench, make info.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fastprompt-installed
 
-.PHONY: demo test bench info clean
+.PHONY: train demo test bench info clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
+
+train: $(STAMP)
+	$(BIN)/fastprompt train
 
 demo: $(STAMP)
 	$(BIN)/fastprompt demo

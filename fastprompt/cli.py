@@ -1,13 +1,110 @@
-"""The `fastprompt` command (also `python -m fastprompt`)."""
+"""The `fastprompt` command (also `python -m fastprompt`).
+
+  fastprompt train              train a method (no arguments: DCP on the built-in shapes, a small CLIP)
+  fastprompt eval RUN           top-1 of a trained run on its evaluation sets
+  fastprompt run PROTOCOL       a protocol of the field over seeds, ending in a summary table
+  fastprompt plot RUN...        loss and accuracy against steps and seconds (PNG)
+  fastprompt bench              images/s of a training step per method and backend, and a profile of one step
+  fastprompt info               versions, and which backends can run each op here
+  fastprompt demo               the ops at CLIP sizes on every available backend, checked against float64
+"""
 
 import argparse
+import ast
+import dataclasses
 import json
 import sys
 
 
+def _value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _options(pairs) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"--opt takes key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = _value(value.strip())
+    return out
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--method", default=d.method, help="coop, cocoop, vpt_deep, ivlp, maple, dcp, dpt, map_dafe, tmml")
+    p.add_argument("--model", default=d.model, help="open_clip model name (ViT-B-16, ...) or fastprompt-tiny/-small")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag (openai, ...) or a local checkpoint")
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="a method option, e.g. --opt n_ctx=16")
+    p.add_argument("--data", default=None, help="dataset folder (split_*.json or ImageFolder); none: built-in")
+    p.add_argument("--split-file", default=None)
+    p.add_argument("--image-dir", default=None)
+    p.add_argument("--shots", type=int, default=d.shots)
+    p.add_argument("--subsample", default=d.subsample, choices=["all", "base", "new"])
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--backend", default=d.backend, choices=["auto", "reference", "triton", "cuda"])
+    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--output", default=d.output)
+    p.add_argument("--deterministic", action="store_true")
+    p.add_argument("--no-resume", dest="resume", action="store_false")
+    p.add_argument("--workers", dest="num_workers", type=int, default=d.num_workers)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _config(args):
+    from .train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["method_config"] = _options(args.opt) if args.opt else None
+    return TrainConfig(**values)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastprompt", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fastprompt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p_train = sub.add_parser("train", help="train a method (default: DCP on the built-in shapes)")
+    _add_run_options(p_train)
+    p_train.add_argument("--stop-after", type=int, default=None, help="epochs to run now (resume later)")
+
+    p_eval = sub.add_parser("eval", help="top-1 of a trained run on its evaluation sets")
+    p_eval.add_argument("run", help="the run's output folder")
+
+    p_run = sub.add_parser("run", help="a protocol of the field over seeds: base2new, fewshot, cross_dataset, "
+                                       "domain_generalization")
+    p_run.add_argument("protocol")
+    _add_run_options(p_run)
+    p_run.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p_run.add_argument("--targets", nargs="+", default=None, help="target datasets of the transfer protocols")
+    p_run.add_argument("--shots-list", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+
+    p_plot = sub.add_parser("plot", help="loss and accuracy against steps and seconds, runs overlaid (PNG)")
+    p_plot.add_argument("runs", nargs="+")
+    p_plot.add_argument("--output", default="convergence.png")
+
+    p_bench = sub.add_parser("bench", help="images/s of a training step per method and backend; one step's profile")
+    p_bench.add_argument("--methods", nargs="+", default=None)
+    p_bench.add_argument("--backends", nargs="+", default=None)
+    p_bench.add_argument("--model", default=None, help="default: ViT-B-16 on a GPU, fastprompt-tiny on a CPU")
+    p_bench.add_argument("--batch-size", type=int, default=None)
+    p_bench.add_argument("--classes", type=int, default=None)
+    p_bench.add_argument("--steps", type=int, default=5)
+    p_bench.add_argument("--json", action="store_true")
+
     p_info = sub.add_parser("info", help="versions, and which backends can run each op here (and why not)")
     p_info.add_argument("--json", action="store_true", help="print the report as JSON")
     p_demo = sub.add_parser("demo", help="the ops at CLIP sizes on every available backend, checked against "
@@ -18,6 +115,49 @@ def main(argv=None) -> int:
     p_demo.add_argument("--rounds", type=int, default=5, help="timed repetitions per backend")
     args = parser.parse_args(argv)
 
+    if args.command == "train":
+        from .train import Trainer
+
+        config = _config(args)
+        trainer = Trainer(config, stop_after=args.stop_after)
+        say = print if trainer.rank == 0 else (lambda *a, **k: None)
+        say(f"fastprompt train: {config.method} on {trainer.task.description}; {config.model} on "
+            f"{trainer.device} x{trainer.world}; output {config.output}", flush=True)
+        results = trainer.fit()
+        say("top-1: " + ", ".join(f"{k} {v:.2f}%" for k, v in results.items()) if results else "stopped early")
+        say(f"metrics: {config.output}/metrics.jsonl  checkpoint: {config.output}/checkpoint.pt")
+        return 0
+    if args.command == "eval":
+        from .train import Trainer, TrainConfig
+
+        import torch
+
+        state = torch.load(f"{args.run}/checkpoint.pt", map_location="cpu", weights_only=False)
+        config = TrainConfig.from_dict({**json.loads(state["config"]), "output": args.run, "resume": True})
+        trainer = Trainer(config)
+        trainer.load_checkpoint()
+        results = trainer.evaluate()
+        print(json.dumps(results))
+        return 0
+    if args.command == "run":
+        from .train.protocols import run_protocol
+
+        text, _ = run_protocol(args.protocol, _config(args), seeds=args.seeds, targets=args.targets,
+                               shots_list=args.shots_list)
+        print(text)
+        return 0
+    if args.command == "plot":
+        from .train.plot import plot_runs
+
+        print(plot_runs(args.runs, args.output))
+        return 0
+    if args.command == "bench":
+        from .train.bench import bench_steps, format_bench
+
+        results = bench_steps(args.methods, args.backends, model=args.model, batch_size=args.batch_size,
+                              classes=args.classes, steps=args.steps)
+        print(json.dumps(results, indent=2) if args.json else format_bench(results))
+        return 0
     if args.command == "info":
         from .info import format_report, report
 

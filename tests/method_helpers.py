@@ -13,17 +13,7 @@ from fastprompt.clip import create_clip
 CLASSNAMES = ["dog", "cat", "golden retriever", "sea_lion", "airplane"]
 
 # per method: a configuration for the 4-block tiny CLIP (the defaults assume 12 blocks)
-TINY_CONFIGS = {
-    "coop": dict(n_ctx=4),
-    "cocoop": dict(),
-    "vpt_deep": dict(n_ctx=3, depth=3),
-    "ivlp": dict(depth_text=3, depth_vision=3),
-    "maple": dict(depth=3),
-    "dcp": dict(n_ctx=4, depth=3),
-    "dpt": dict(bottom_limit=4, top_k=3, n_visual_tokens=3, n_cavpt_tokens=2),
-    "map_dafe": dict(depth=3),
-    "tmml": dict(),
-}
+TINY_CONFIGS = methods.SMALL_MODEL_CONFIGS
 
 
 def tiny_clip(seed: int = 0):

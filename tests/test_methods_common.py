@@ -25,6 +25,11 @@ def test_forward_shapes_and_loss(name):
     assert loss.dim() == 0 and torch.isfinite(loss)
 
 
+# parameters whose gradient can be exactly zero for a given batch: DPT's auxiliary classifiers and their
+# LayerNorms only learn from images whose label is among their top-K classes
+MAYBE_ZERO = ("cavpt.", )
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_gradients_reach_every_trained_parameter_and_no_frozen_one(name):
     method = build(name)
@@ -32,9 +37,17 @@ def test_gradients_reach_every_trained_parameter_and_no_frozen_one(name):
     method.loss(images, labels).backward()
     for n, p in method.named_parameters():
         if p.requires_grad:
-            assert p.grad is not None and torch.count_nonzero(p.grad) > 0, f"{n} gets no gradient"
+            assert p.grad is not None, f"{n} gets no gradient"
         else:
             assert p.grad is None, f"frozen {n} got a gradient"
+    # zero-initialised layers (DAFE's gates) pass no gradient to what feeds them until they move: after one
+    # step every trained tensor must receive a nonzero gradient
+    torch.optim.SGD(method.trainable_parameters(), lr=0.01).step()
+    method.zero_grad()
+    method.loss(images, labels).backward()
+    for n, p in method.named_parameters():
+        if p.requires_grad and not (name == "dpt" and n.startswith(MAYBE_ZERO) and "classifier" in n):
+            assert torch.count_nonzero(p.grad) > 0, f"{n} gets a zero gradient"
     assert all(not p.requires_grad for p in method.clip.parameters())
     trained = {id(p) for p in method.parameters() if p.requires_grad}
     groups = method.trainable_parameters()
@@ -109,16 +122,15 @@ def test_evaluation_computes_static_text_features_once(name):
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("name", ["coop", "cocoop", "vpt_deep", "tmml"])
+@pytest.mark.parametrize("name", ["coop", "cocoop", "tmml"])
 def test_text_only_methods_run_the_image_tower_without_autograd(name):
     method = build(name)
     images, labels = batch()
     seen = []
-    original = method.clip.encode_image
-    method.clip.encode_image = lambda x: seen.append(torch.is_grad_enabled()) or original(x)
+    original = method.clip.image_features
+    method.clip.image_features = lambda x: seen.append(torch.is_grad_enabled()) or original(x)
     method.loss(images, labels).backward()
-    if name != "vpt_deep":  # VPT-deep prompts the image tower: its plain encode_image is only the text side's
-        assert seen and not any(seen)
+    assert seen and not any(seen)
 
 
 def test_class_chunking_and_checkpointing_change_nothing():

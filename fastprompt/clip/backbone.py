@@ -79,12 +79,18 @@ def _block_call(block, x, causal, x_ln):
     return block_forward(block, x, causal=causal, x_ln=x_ln)
 
 
+TEXT_SCOPE, IMAGE_SCOPE = "fastprompt.text_tower", "fastprompt.image_tower"
+
+
 def run_blocks(blocks, x: Tensor, hooks: BlockHooks = NO_HOOKS, *, causal: bool = False,
                checkpoint: bool = False) -> Tensor:
-    """The blocks in order, with the hooks around each."""
+    """The blocks in order, with the hooks around each. The blocks run inside a profiler scope named after
+    their tower (the hooks, which call the prompt ops, outside it), so a profile can split a step."""
+    scope = TEXT_SCOPE if causal else IMAGE_SCOPE
     for layer, block in enumerate(blocks):
         x, x_ln = hooks.before(layer, x)
-        x = apply_block(block, x, causal=causal, x_ln=x_ln, checkpoint=checkpoint)
+        with torch.profiler.record_function(scope):
+            x = apply_block(block, x, causal=causal, x_ln=x_ln, checkpoint=checkpoint)
         x = hooks.after(layer, x)
     return x
 

@@ -42,9 +42,18 @@ class PromptMethod(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.logits_and_extras(images)[0]
 
-    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
-        logits, _ = self.logits_and_extras(images)
+    def loss_from(self, logits: Tensor, extras: dict, labels: Tensor) -> Tensor:
+        """The training loss from one forward: cross-entropy, plus a method's own terms (override)."""
         return F.cross_entropy(logits, labels)
+
+    def loss_and_logits(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """One forward: the loss and the logits (the trainer logs the batch accuracy from them)."""
+        logits, extras = self.logits_and_extras(images)
+        with torch.profiler.record_function("fastprompt.loss"):
+            return self.loss_from(logits, extras, labels), logits
+
+    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
+        return self.loss_and_logits(images, labels)[0]
 
     def clip_logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         """logit_scale · cos(image, text): (B, E) × (C, E) → (B, C), or per image (B, C, E) → (B, C)."""

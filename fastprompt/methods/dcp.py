@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..clip import Slot, apply_block, clean_classname
+from ..clip.backbone import IMAGE_SCOPE, TEXT_SCOPE
 from ..modules import CrossModalPromptAttention
 from .base import PromptMethod, append_with_ln, check_depth, normal_init, replace_with_ln
 from .coop import TextPrompts
@@ -79,8 +80,10 @@ class DCP(PromptMethod):
                 xv, xv_ln = replace_with_ln(xv, new_v[local], None, vblock.ln_1, self.backend)
                 if self.couple_text:
                     xt, xt_ln = replace_with_ln(xt, new_t, 1, tblock.ln_1, self.backend)
-            xv = apply_block(vblock, xv, x_ln=xv_ln)
-            xt = apply_block(tblock, xt, causal=True, x_ln=xt_ln, checkpoint=self.checkpoint_text)
+            with torch.profiler.record_function(IMAGE_SCOPE):
+                xv = apply_block(vblock, xv, x_ln=xv_ln)
+            with torch.profiler.record_function(TEXT_SCOPE):
+                xt = apply_block(tblock, xt, causal=True, x_ln=xt_ln, checkpoint=self.checkpoint_text)
         return clip.image_features(xv), clip.text_features(xt, self.prompts.eot)
 
     def logits_and_extras(self, images: Tensor):

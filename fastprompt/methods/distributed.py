@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+_local_only = False
+
+
+@contextlib.contextmanager
+def local_only():
+    """Inside, batch-mixing ops see this process's rows only: for evaluation on one rank (the others do not
+    run the forward, so a collective would wait for them forever)."""
+    global _local_only
+    previous, _local_only = _local_only, True
+    try:
+        yield
+    finally:
+        _local_only = previous
+
 
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _local_only and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class _GatherRows(torch.autograd.Function):

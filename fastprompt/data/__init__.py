@@ -1,0 +1,145 @@
+"""Data for the training harness: the built-in procedural dataset, datasets on disk (split_*.json or
+ImageFolder), K-shot sampling, the base / new split, and CLIP preprocessing taken from the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from .records import (DataError, Record, RecordSplits, few_shot, read_dataset, read_image_folder, read_split_json,
+                      subsample_classes)
+from .synthetic import SyntheticShapes
+
+
+def clip_transforms(model):
+    """(train, eval) preprocessing of the model: its size, mean and std; random resized crop and flip for
+    training, resize and centre crop for evaluation (the CoOp recipe)."""
+    import open_clip
+    from torchvision import transforms as T
+
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg.get("size", model.visual.image_size)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
+    std = cfg.get("std", open_clip.OPENAI_DATASET_STD)
+    to_rgb = T.Lambda(lambda im: im.convert("RGB"))
+    train = T.Compose([to_rgb, T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    evaluate = T.Compose([to_rgb, T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                          T.ToTensor(), T.Normalize(mean, std)])
+    return train, evaluate
+
+
+def clip_normalize(model):
+    import open_clip
+
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    mean = torch.tensor(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))[:, None, None]
+    std = torch.tensor(cfg.get("std", open_clip.OPENAI_DATASET_STD))[:, None, None]
+    return lambda image: (image - mean) / std
+
+
+class RecordDataset(Dataset):
+    """Records read as (image, label); an unreadable image is an error that names the file."""
+
+    def __init__(self, records: list, transform):
+        self.records, self.transform = list(records), transform
+        self.labels = [r.label for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        from PIL import Image, UnidentifiedImageError
+
+        record = self.records[index]
+        try:
+            with Image.open(record.path) as image:
+                image.load()
+                return self.transform(image), record.label
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"cannot read image {record.path} (class {record.classname!r}): {exc}") from exc
+
+
+@dataclass
+class TaskData:
+    """What a run trains and evaluates on. `evaluations` maps a name ("test", or "base" and "new" for
+    base-to-new) to (dataset, class names)."""
+
+    train: Dataset
+    classnames: list
+    evaluations: dict
+    description: str
+
+
+def build_task(model, data: Optional[str] = None, *, shots: int = 16, seed: int = 1, subsample: str = "all",
+               split_file: Optional[str] = None, image_dir: Optional[str] = None, synthetic_classes: int = 8,
+               synthetic_test_per_class: int = 16) -> TaskData:
+    """The train set (K shots per class, seeded) and evaluation sets of a run.
+
+    data None: the built-in procedural dataset at the model's image size. subsample "base" trains on the base
+    half of the classes and evaluates on base and new (the base-to-new protocol); "new" or "all" likewise.
+    """
+    if data is None:
+        size = model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        norm = clip_normalize(model)
+        per_class = max(shots, 1)
+        train = SyntheticShapes(synthetic_classes, per_class, size, "train", seed, norm)
+        test = SyntheticShapes(synthetic_classes, synthetic_test_per_class, size, "test", seed, norm)
+        names = train.classnames
+        if subsample == "all":
+            return TaskData(train, names, {"test": (test, names)},
+                            f"built-in shapes: {synthetic_classes} classes, {per_class} shots, seed {seed}")
+        return _subsample_synthetic(train, test, names, subsample, seed)
+    splits = read_dataset(data, split_file, image_dir, seed)
+    train_tf, eval_tf = clip_transforms(model)
+    train_records = few_shot(splits.train, shots, seed)
+    if subsample == "all":
+        return TaskData(RecordDataset(train_records, train_tf), splits.classnames,
+                        {"test": (RecordDataset(splits.test, eval_tf), splits.classnames)},
+                        f"{data}: {len(splits.classnames)} classes, {shots} shots, seed {seed}")
+    base_train, base_names = subsample_classes(train_records, splits.classnames, "base")
+    evaluations = {}
+    for which in ("base", "new"):
+        records, names = subsample_classes(splits.test, splits.classnames, which)
+        evaluations[which] = (RecordDataset(records, eval_tf), names)
+    trained_on = "base" if subsample == "base" else subsample
+    train_records, names = subsample_classes(train_records, splits.classnames, trained_on)
+    return TaskData(RecordDataset(train_records, train_tf), names, evaluations,
+                    f"{data}: {trained_on} classes ({len(names)}), {shots} shots, seed {seed}")
+
+
+class _Relabelled(Dataset):
+    def __init__(self, dataset, keep: list):
+        self.dataset = dataset
+        self.index = [i for i, y in enumerate(dataset.labels) if y in keep]
+        self.map = {y: i for i, y in enumerate(keep)}
+        self.labels = [self.map[dataset.labels[i]] for i in self.index]
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[self.index[i]]
+        return image, self.map[label]
+
+
+def _subsample_synthetic(train, test, names, subsample, seed):
+    import math
+
+    m = math.ceil(len(names) / 2)
+    base, new = list(range(m)), list(range(m, len(names)))
+    trained = base if subsample == "base" else new
+    return TaskData(_Relabelled(train, trained), [names[i] for i in trained],
+                    {"base": (_Relabelled(test, base), [names[i] for i in base]),
+                     "new": (_Relabelled(test, new), [names[i] for i in new])},
+                    f"built-in shapes, {subsample} classes, seed {seed}")
+
+
+__all__ = ["DataError", "Record", "RecordDataset", "RecordSplits", "SyntheticShapes", "TaskData", "build_task",
+           "clip_normalize", "clip_transforms", "few_shot", "read_dataset", "read_image_folder", "read_split_json",
+           "subsample_classes"]

@@ -1,0 +1,164 @@
+"""Image datasets on disk, as the prompt-learning field lays them out, read into records (path, label,
+class name): CoOp / Dassl `split_*.json` files and ImageFolder trees; K-shot sampling and the base / new
+class split of the field.
+
+split_*.json (CoOp's 11 datasets): {"train": [[relative image path, label, class name], ...], "val": [...],
+"test": [...]}; the paths are relative to the dataset's image folder (for example `images/` or `jpg/`),
+found here by trying the folder itself and its subfolders.
+ImageFolder: DIR/{train,val,test}/<class>/<image>, or DIR/<class>/<image> split by a seeded draw.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+@dataclass(frozen=True)
+class Record:
+    path: str
+    label: int
+    classname: str
+
+
+@dataclass
+class RecordSplits:
+    """train / val / test records and the class names by label."""
+
+    train: list
+    val: list
+    test: list
+    classnames: list
+
+
+class DataError(ValueError):
+    """Data that cannot be used as given; the message says what and where."""
+
+
+def _classnames(records: list) -> list:
+    names = {}
+    for r in records:
+        names.setdefault(r.label, r.classname)
+    if sorted(names) != list(range(len(names))):
+        raise DataError(f"labels must run from 0 to {len(names) - 1} without gaps, got {sorted(names)[:10]}...")
+    return [names[i] for i in range(len(names))]
+
+
+def read_split_json(path: str, image_dir: Optional[str] = None) -> RecordSplits:
+    with open(path) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    missing = [k for k in ("train", "test") if k not in raw]
+    if missing:
+        raise DataError(f"{path} lacks the {missing} lists of a split file")
+    root = image_dir or _find_image_dir(os.path.dirname(os.path.abspath(path)), raw["train"][0][0])
+    splits = {}
+    for name in ("train", "val", "test"):
+        items = raw.get(name, [])
+        splits[name] = [Record(os.path.join(root, p), int(y), str(c).replace("_", " ")) for p, y, c in items]
+    classnames = _classnames(splits["train"] + splits["val"] + splits["test"])
+    return RecordSplits(splits["train"], splits["val"], splits["test"], classnames)
+
+
+def _find_image_dir(root: str, example: str) -> str:
+    candidates = [root] + sorted(os.path.join(root, d) for d in os.listdir(root)
+                                 if os.path.isdir(os.path.join(root, d)))
+    for candidate in candidates:
+        if os.path.exists(os.path.join(candidate, example)):
+            return candidate
+    raise DataError(f"the split file names {example!r}, found neither in {root} nor in its subfolders; give the "
+                    "image folder explicitly")
+
+
+def _images_by_class(folder: str) -> dict:
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if not classes:
+        raise DataError(f"{folder} has no class subfolders (expected {folder}/<class>/<image>)")
+    out = {}
+    for c in classes:
+        files = sorted(f for f in os.listdir(os.path.join(folder, c)) if f.lower().endswith(IMAGE_SUFFIXES))
+        out[c] = [os.path.join(folder, c, f) for f in files]
+    return out
+
+
+def read_image_folder(root: str, seed: int = 1, test_fraction: float = 0.2) -> RecordSplits:
+    """DIR/{train,val,test}/<class>/... when present, else DIR/<class>/... with test_fraction of each class
+    drawn (seeded) for testing."""
+    if os.path.isdir(os.path.join(root, "train")):
+        by_split = {s: _images_by_class(os.path.join(root, s)) for s in ("train", "val", "test")
+                    if os.path.isdir(os.path.join(root, s))}
+        classes = sorted(by_split["train"])
+        index = {c: i for i, c in enumerate(classes)}
+        splits = {s: [] for s in ("train", "val", "test")}
+        for s, groups in by_split.items():
+            for c, paths in groups.items():
+                if c not in index:
+                    raise DataError(f"{root}/{s} has a class {c!r} that {root}/train lacks")
+                splits[s] += [Record(p, index[c], c.replace("_", " ")) for p in paths]
+        return RecordSplits(splits["train"], splits["val"], splits["test"], [c.replace("_", " ") for c in classes])
+    groups = _images_by_class(root)
+    rng = random.Random(seed)
+    train, test = [], []
+    for label, (c, paths) in enumerate(groups.items()):
+        paths = paths[:]
+        rng.shuffle(paths)
+        n_test = max(1, round(test_fraction * len(paths))) if len(paths) > 1 else 0
+        test += [Record(p, label, c.replace("_", " ")) for p in paths[:n_test]]
+        train += [Record(p, label, c.replace("_", " ")) for p in paths[n_test:]]
+    return RecordSplits(train, [], test, [c.replace("_", " ") for c in groups])
+
+
+def read_dataset(root: str, split_file: Optional[str] = None, image_dir: Optional[str] = None,
+                 seed: int = 1) -> RecordSplits:
+    """A dataset directory: its split_*.json when it has one (or `split_file`), else an ImageFolder tree."""
+    if not os.path.isdir(root):
+        raise DataError(f"the data directory {root!r} does not exist")
+    if split_file is None:
+        found = sorted(f for f in os.listdir(root) if f.startswith("split_") and f.endswith(".json"))
+        if len(found) > 1:
+            raise DataError(f"{root} has several split files {found}: choose one with split_file")
+        split_file = os.path.join(root, found[0]) if found else None
+    if split_file:
+        return read_split_json(split_file, image_dir)
+    return read_image_folder(root, seed)
+
+
+def few_shot(records: list, shots: int, seed: int) -> list:
+    """Exactly `shots` records of every class, drawn with `seed` (the same draw for the same seed)."""
+    if shots <= 0:
+        return list(records)
+    by_label: dict = {}
+    for r in records:
+        by_label.setdefault(r.label, []).append(r)
+    rng = random.Random(seed)
+    out = []
+    for label in sorted(by_label):
+        items = by_label[label]
+        if len(items) < shots:
+            raise DataError(f"class {items[0].classname!r} has {len(items)} training images, fewer than the "
+                            f"{shots} shots asked for")
+        out += rng.sample(items, shots)
+    return out
+
+
+def subsample_classes(records: list, classnames: list, which: str) -> tuple[list, list]:
+    """The field's base-to-new split (CoCoOp): the classes sorted by label, the first ⌈n/2⌉ are base, the rest
+    new; the kept classes are relabelled from 0. which: "all", "base" or "new"."""
+    if which == "all":
+        return list(records), list(classnames)
+    n = len(classnames)
+    m = math.ceil(n / 2)
+    kept = list(range(m)) if which == "base" else list(range(m, n))
+    if which not in ("base", "new"):
+        raise ValueError(f"which must be all, base or new, not {which!r}")
+    relabel = {y: i for i, y in enumerate(kept)}
+    out = [Record(r.path, relabel[r.label], r.classname) for r in records if r.label in relabel]
+    return out, [classnames[y] for y in kept]

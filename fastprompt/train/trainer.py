@@ -1,0 +1,352 @@
+"""The training loop of `fastprompt train`: few-shot prompt learning with the field's recipe, JSONL metrics,
+checkpoints that resume the exact trajectory, torchrun / DDP, and a deterministic mode.
+
+Reproducibility is by construction: the data order of epoch e is a permutation drawn from (seed, e) (the
+same as torch's DistributedSampler, so one process with batch G·b sees, step by step, the union of what G
+ranks with batch b see), the learning rate is a function of the epoch, and a checkpoint at the end of every
+epoch holds the trained tensors, the optimizer, the gradient scaler and every RNG state. A run stopped at any
+point resumes from its last checkpoint and replays the interrupted epoch from its start: the same parameters
+as a run never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from .. import backends, methods
+from ..clip import create_clip
+from ..data import build_task
+from ..methods.distributed import local_only
+from .config import TrainConfig
+from .metrics import MetricsLog
+
+
+def method_config(config: TrainConfig) -> dict:
+    """The method's options of a run: as given, else the configuration that fits the small built-in CLIPs."""
+    from ..clip import SMALL_CONFIGS
+
+    if config.method_config is not None:
+        return dict(config.method_config)
+    return dict(methods.SMALL_MODEL_CONFIGS.get(config.method, {})) if config.model in SMALL_CONFIGS else {}
+
+
+class EpochPermutation(Sampler):
+    """This rank's share of a permutation drawn from seed + epoch (DistributedSampler's recipe, padded to a
+    multiple of the world size by repeating the head)."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.rank, self.world, self.epoch = n, seed, rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> list:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        total = math.ceil(self.n / self.world) * self.world
+        order += order[: total - self.n]
+        return order[self.rank:total:self.world]
+
+    def __iter__(self):
+        return iter(self.indices())
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world)
+
+
+def learning_rate(base: float, epoch: int, config: TrainConfig) -> float:
+    """Warm-up epochs at a constant warmup_lr, then a cosine from `base` over the remaining epochs."""
+    if epoch < config.warmup_epochs:
+        return config.warmup_lr
+    span = max(config.epochs - config.warmup_epochs, 1)
+    return 0.5 * base * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / span))
+
+
+class _Loss(nn.Module):
+    """The method's training loss as a forward, so that DistributedDataParallel sees the step."""
+
+    def __init__(self, method):
+        super().__init__()
+        self.method = method
+
+    def forward(self, images, labels):
+        return self.method.loss_and_logits(images, labels)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    """fit() trains `config.epochs` epochs (from the last checkpoint when one exists) and returns the last
+    evaluation; evaluate() measures top-1 on the run's evaluation sets."""
+
+    def __init__(self, config: TrainConfig, *, stop_after: Optional[int] = None):
+        self.config = config
+        self.stop_after = stop_after  # epochs to run in this invocation (a job with a time limit)
+        self._setup_distributed()
+        self._seed_everything(config.seed)
+        self.clip_model = create_clip(config.model, config.pretrained, seed=config.seed)
+        self.task = build_task(self.clip_model, config.data, shots=config.shots, seed=config.seed,
+                               subsample=config.subsample, split_file=config.split_file,
+                               image_dir=config.image_dir, synthetic_classes=config.synthetic_classes)
+        self.method_config = method_config(config)
+        self.method = methods.build(config.method, self.clip_model, self.task.classnames,
+                                    **{**self.method_config, "backend": config.backend}).to(self.device)
+        self.precision = self._precision()
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == torch.float16 else None
+        groups = self.method.trainable_parameters()
+        groups = [g if isinstance(g, dict) else {"params": [g]} for g in groups]
+        for g in groups:
+            g["base_lr"] = g.get("lr", config.lr)
+        self.optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.step_model = _Loss(self.method)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.step_model = DistributedDataParallel(
+                self.step_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False, find_unused_parameters=True)
+        self.sampler = EpochPermutation(len(self.task.train), config.seed, self.rank, self.world)
+        self.log = MetricsLog(os.path.join(config.output, "metrics.jsonl"), enabled=self.rank == 0)
+        self.checkpoint_path = os.path.join(config.output, "checkpoint.pt")
+        self.epoch, self.step = 0, 0
+
+    # ---- set-up ------------------------------------------------------------------------------------
+    def _setup_distributed(self) -> None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        wants_cuda = self.config.device in ("auto", "cuda") and torch.cuda.is_available()
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if wants_cuda else "gloo")
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if self.config.device == "auto":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            self.device = torch.device(f"cuda:{local}") if wants_cuda else torch.device("cpu")
+        else:
+            self.device = torch.device(self.config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def _seed_everything(self, seed: int) -> None:
+        if self.config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _precision(self) -> Optional[torch.dtype]:
+        p = self.config.precision
+        if p == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else None
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+
+    def _autocast(self):
+        if self.precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision)
+
+    def resolved_backend(self) -> dict:
+        """Which backend each op runs on for this run's device (what the requested backend resolves to)."""
+        problem = dict(dtype=torch.float32, m=1, dv=1, dt=1, d=1)
+        out = {}
+        for op in backends.OPS:
+            try:
+                out[op] = backends.select(op, self.config.backend, self.device, problem).backend
+            except backends.BackendUnavailableError as exc:
+                out[op] = f"unavailable: {exc}"
+        return out
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        state = {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler else None, "epoch": self.epoch,
+                 "step": self.step, "rng": _rng_state(self.device), "config": self.config.to_json(),
+                 "schedule": {"kind": "warmup-cosine", "epochs": self.config.epochs}}
+        os.makedirs(self.config.output, exist_ok=True)
+        tmp = self.checkpoint_path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)  # atomic: an interruption never leaves half a checkpoint
+
+    def load_checkpoint(self) -> bool:
+        if not (self.config.resume and os.path.exists(self.checkpoint_path)):
+            return False
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        saved = TrainConfig.from_dict(json.loads(state["config"]))
+        for key in ("method", "model", "data", "shots", "seed", "epochs", "batch_size", "method_config"):
+            if getattr(saved, key) != getattr(self.config, key):
+                raise ValueError(f"{self.checkpoint_path} was written with {key}={getattr(saved, key)!r}, this run "
+                                 f"has {getattr(self.config, key)!r}: use another output directory or resume=False")
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        _set_rng_state(state["rng"], self.device)
+        self.log.truncate_after(self.step)
+        return True
+
+    # ---- evaluation --------------------------------------------------------------------------------
+    def _method_for(self, classnames: list):
+        """The trained method for other class names (new classes): rebuilt on the same CLIP with the trained
+        tensors whose shapes do not depend on the classes."""
+        if classnames == self.task.classnames:
+            return self.method
+        other = methods.build(self.config.method, self.method.clip, classnames,
+                              **{**self.method_config, "backend": self.config.backend}).to(self.device)
+        own = other.state_dict()
+        trained = {k: v for k, v in self.method.state_dict().items() if k in own and v.shape == own[k].shape}
+        other.load_state_dict({**own, **trained})
+        return other
+
+    @torch.no_grad()
+    def evaluate_on(self, dataset, classnames: list) -> float:
+        """Top-1 (%) on a dataset whose labels index `classnames`, on this process alone (batch-mixing methods
+        see the evaluation batch, whose size is logged). Leaves every RNG as it was, so evaluating never
+        changes the training trajectory."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), local_only():
+            method = self._method_for(classnames)
+            method.eval()
+            correct = total = 0
+            loader = DataLoader(dataset, batch_size=self.config.eval_batch_size, shuffle=False,
+                                num_workers=self.config.num_workers)
+            for images, labels in loader:
+                images, labels = images.to(self.device), labels.to(self.device)
+                with self._autocast():
+                    logits = method(images)
+                correct += (logits.argmax(-1) == labels).sum().item()
+                total += labels.numel()
+            method.train()
+        return 100.0 * correct / max(total, 1)
+
+    def evaluate(self) -> dict:
+        """Top-1 on each evaluation set of the run, and the harmonic mean of base and new when both exist."""
+        results = {name: self.evaluate_on(dataset, classnames)
+                   for name, (dataset, classnames) in self.task.evaluations.items()}
+        if "base" in results and "new" in results:
+            b, n = results["base"], results["new"]
+            results["hm"] = 2 * b * n / (b + n) if b + n > 0 else 0.0
+        return results
+
+    # ---- training ----------------------------------------------------------------------------------
+    def _loader(self, epoch: int) -> DataLoader:
+        self.sampler.set_epoch(epoch)
+        return DataLoader(self.task.train, batch_size=self.config.batch_size, sampler=self.sampler,
+                          num_workers=self.config.num_workers,
+                          generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
+
+    def _mean_over_ranks(self, *values: float) -> list:
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def fit(self) -> dict:
+        config = self.config
+        resumed = self.load_checkpoint()
+        start_epoch = self.epoch + 1 if resumed else 0
+        if not resumed:
+            self.log.reset()
+            self.log.write(kind="run", config=json.loads(config.to_json()),
+                           data=self.task.description, world_size=self.world, device=str(self.device),
+                           precision=str(self.precision or torch.float32), backend=self.resolved_backend(),
+                           torch=torch.__version__)
+        last_eval: dict = {}
+        ran = 0
+        started = time.perf_counter()
+        self.method.train()
+        for epoch in range(start_epoch, config.epochs):
+            if self.stop_after is not None and ran >= self.stop_after:
+                break
+            for g in self.optimizer.param_groups:
+                g["lr"] = learning_rate(g["base_lr"], epoch, config)
+            if hasattr(self.method, "epoch"):  # methods whose loss changes with the epoch (DPT)
+                self.method.epoch = epoch
+            loader = self._loader(epoch)
+            progress = _progress(loader, f"epoch {epoch + 1}/{config.epochs}", config.progress and self.rank == 0)
+            for images, labels in progress:
+                t0 = time.perf_counter()
+                images, labels = images.to(self.device), labels.to(self.device)
+                with self._autocast():
+                    loss, logits = self.step_model(images, labels)
+                if self.scaler:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                accuracy = (logits.argmax(-1) == labels).float().mean().item() * 100
+                loss_v, acc_v = self._mean_over_ranks(loss.item(), accuracy)
+                seconds = time.perf_counter() - t0
+                self.log.write(kind="step", step=self.step, epoch=epoch + 1, loss=loss_v, accuracy=acc_v,
+                               lr=self.optimizer.param_groups[0]["lr"], images_per_s=labels.numel() * self.world /
+                               max(seconds, 1e-9), wall_s=time.perf_counter() - started, backend=config.backend)
+                if hasattr(progress, "set_postfix"):
+                    progress.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.0f}%")
+                if config.max_steps and self.step >= config.max_steps:
+                    break
+            self.epoch = epoch
+            ran += 1
+            final = epoch == config.epochs - 1 or (config.max_steps and self.step >= config.max_steps)
+            if (config.eval_every and (epoch + 1) % config.eval_every == 0) or final:
+                last_eval = self._evaluate_and_log(epoch, time.perf_counter() - started)
+            self.save_checkpoint()
+            if config.max_steps and self.step >= config.max_steps:
+                break
+        return last_eval
+
+    def _evaluate_and_log(self, epoch: int, wall: float) -> dict:
+        results = {}
+        if self.rank == 0:
+            results = self.evaluate()
+            self.log.write(kind="eval", step=self.step, epoch=epoch + 1, eval_batch_size=self.config.eval_batch_size,
+                           wall_s=wall, **{f"top1_{k}" if k != "hm" else "hm": v for k, v in results.items()})
+        if self.world > 1:
+            dist.barrier()
+        return results
+
+
+def _progress(iterable, description: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
+
+
+def train(config: TrainConfig, stop_after: Optional[int] = None) -> dict:
+    """Train a run; returns its last evaluation (top-1 per evaluation set)."""
+    return Trainer(config, stop_after=stop_after).fit()
+

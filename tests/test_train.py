@@ -1,0 +1,223 @@
+"""The training harness: the default run, exact resume, DDP against one process, deterministic mode, data
+on disk, K-shot sampling, base / new split, bad input, plots, protocols, the step benchmark."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from fastprompt import cli
+from fastprompt.data import DataError, build_task, few_shot, read_dataset, subsample_classes
+from fastprompt.data.records import Record
+from fastprompt.train import TrainConfig, Trainer, read_metrics, train
+
+SMALL = dict(method="coop", epochs=2, shots=4, batch_size=8, eval_batch_size=32, synthetic_classes=4,
+             progress=False)
+
+
+def _params(run: str) -> dict:
+    return torch.load(os.path.join(run, "checkpoint.pt"), map_location="cpu", weights_only=False)["method"]
+
+
+def _losses(run: str) -> list:
+    return [r["loss"] for r in read_metrics(run) if r["kind"] == "step"]
+
+
+def test_default_train_runs_end_to_end_and_its_loss_falls(tmp_path):
+    out = str(tmp_path / "default")
+    assert cli.main(["train", "--output", out, "--no-progress"]) == 0
+    losses = _losses(out)
+    records = read_metrics(out)
+    assert records[0]["kind"] == "run" and records[0]["config"]["method"] == "dcp"
+    assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4, losses
+    step = next(r for r in records if r["kind"] == "step")
+    assert {"step", "epoch", "loss", "accuracy", "lr", "images_per_s", "wall_s", "backend"} <= set(step)
+    assert any(r["kind"] == "eval" and "top1_test" in r for r in records)
+
+
+def test_resume_continues_the_same_trajectory(tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train(TrainConfig(output=straight, **SMALL))
+    train(TrainConfig(output=resumed, **SMALL), stop_after=1)
+    assert torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=False)["epoch"] == 0
+    train(TrainConfig(output=resumed, **SMALL))
+    for key, value in _params(straight).items():
+        assert torch.equal(_params(resumed)[key], value), key
+    assert _losses(straight) == _losses(resumed)
+
+
+def test_an_interrupted_epoch_loses_nothing_that_was_checkpointed(tmp_path, monkeypatch):
+    straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+    train(TrainConfig(output=straight, **SMALL))
+    trainer = Trainer(TrainConfig(output=broken, **SMALL))
+    calls = {"n": 0}
+    original = type(trainer.task.train).__getitem__
+
+    def failing(self, index):
+        calls["n"] += 1
+        if calls["n"] == len(trainer.task.train) + 5:  # in the middle of the second epoch
+            raise KeyboardInterrupt
+        return original(self, index)
+
+    monkeypatch.setattr(type(trainer.task.train), "__getitem__", failing)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    monkeypatch.setattr(type(trainer.task.train), "__getitem__", original)
+    train(TrainConfig(output=broken, **SMALL))
+    for key, value in _params(straight).items():
+        assert torch.equal(_params(broken)[key], value), key
+
+
+def test_deterministic_mode_is_bit_identical(tmp_path):
+    runs = [str(tmp_path / f"run{i}") for i in range(2)]
+    for run in runs:
+        train(TrainConfig(output=run, deterministic=True, **{**SMALL, "method": "dcp"}))
+    first, second = _params(runs[0]), _params(runs[1])
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("method", ["dcp", "coop"], ids=["dcp-batch-pooled", "coop"])
+def test_ddp_two_processes_equal_one_process_over_the_global_batch(tmp_path, method):
+    """gloo on the CPU, torchrun: 2 ranks with batch 4 against 1 process with batch 8 (DCP's CMPA pools over
+    the global batch through the gathered rows)."""
+    common = ["--method", method, "--epochs", "2", "--shots", "4", "--no-progress", "--eval-every", "0",
+              "--opt", "n_ctx=2"] + (["--opt", "depth=2"] if method == "dcp" else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    subprocess.run([sys.executable, "-m", "fastprompt", "train", *common, "--batch-size", "8", "--output", single],
+                   check=True, env=env, capture_output=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29500 + os.getpid() % 1000), "-m", "fastprompt", "train", *common, "--batch-size", "4",
+                           "--output", ddp], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _params(single), _params(ddp)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+def _write_images(root, classes, per_class, corrupt=None):
+    paths = []
+    for c in classes:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(per_class):
+            path = os.path.join(root, c, f"{i}.png")
+            Image.new("RGB", (12, 12), color=(10 * i, 40, 200)).save(path)
+            paths.append(path)
+    if corrupt:
+        with open(os.path.join(root, classes[0], corrupt), "wb") as f:
+            f.write(b"not an image")
+    return paths
+
+
+def test_split_json_is_read_with_its_image_folder(tmp_path):
+    root = tmp_path / "pets"
+    _write_images(str(root / "images"), ["abyssinian", "great_pyrenees"], 3)
+    split = {"train": [["abyssinian/0.png", 0, "abyssinian"], ["great_pyrenees/1.png", 1, "great_pyrenees"]],
+             "val": [["abyssinian/1.png", 0, "abyssinian"]],
+             "test": [["abyssinian/2.png", 0, "abyssinian"], ["great_pyrenees/2.png", 1, "great_pyrenees"]]}
+    (root / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
+    splits = read_dataset(str(root))
+    assert splits.classnames == ["abyssinian", "great pyrenees"]
+    assert [os.path.exists(r.path) for r in splits.train + splits.test] == [True] * 4
+    assert len(splits.val) == 1
+
+
+def test_image_folder_trees_are_read(tmp_path):
+    _write_images(str(tmp_path / "flat"), ["cat", "dog"], 5)
+    flat = read_dataset(str(tmp_path / "flat"), seed=3)
+    assert flat.classnames == ["cat", "dog"] and len(flat.train) + len(flat.test) == 10
+    for split in ("train", "test"):
+        _write_images(str(tmp_path / "tree" / split), ["cat", "dog"], 2)
+    tree = read_dataset(str(tmp_path / "tree"))
+    assert len(tree.train) == 4 and len(tree.test) == 4 and tree.val == []
+
+
+def test_k_shot_sampling_is_deterministic_and_never_exceeds_k():
+    records = [Record(f"{c}/{i}", c, f"class {c}") for c in range(5) for i in range(3 + 2 * c)]
+    first, again, other = few_shot(records, 3, seed=1), few_shot(records, 3, seed=1), few_shot(records, 3, seed=2)
+    assert first == again and first != other
+    for c in range(5):
+        assert sum(r.label == c for r in first) == 3
+    with pytest.raises(DataError, match="class 'class 0' has 3 training images, fewer than the 4 shots"):
+        few_shot(records, 4, seed=1)
+
+
+def test_base_new_split_is_the_fields():
+    names = [f"c{i}" for i in range(7)]
+    records = [Record(str(i), i, names[i]) for i in range(7)]
+    base, base_names = subsample_classes(records, names, "base")
+    new, new_names = subsample_classes(records, names, "new")
+    assert base_names == names[:4] and new_names == names[4:]  # ⌈7/2⌉ = 4 base classes
+    assert [r.label for r in new] == [0, 1, 2] and [r.classname for r in new] == names[4:]
+
+
+def test_bad_input_gets_clear_messages(tmp_path):
+    with pytest.raises(DataError, match="the data directory .*nowhere.* does not exist"):
+        train(TrainConfig(data=str(tmp_path / "nowhere"), output=str(tmp_path / "a"), **SMALL))
+    with pytest.raises(ValueError, match="unknown method 'dcpp'"):
+        train(TrainConfig(**{**SMALL, "method": "dcpp"}, output=str(tmp_path / "b")))
+    _write_images(str(tmp_path / "few"), ["cat", "dog"], 3)
+    with pytest.raises(DataError, match="fewer than the 4 shots"):
+        train(TrainConfig(**{**SMALL, "shots": 4}, data=str(tmp_path / "few"), output=str(tmp_path / "c")))
+    _write_images(str(tmp_path / "bad" / "train"), ["cat", "dog"], 2, corrupt="broken.png")
+    _write_images(str(tmp_path / "bad" / "test"), ["cat", "dog"], 1)
+    with pytest.raises(DataError, match="cannot read image .*broken.png"):  # shots 0: every training image
+        train(TrainConfig(**{**SMALL, "shots": 0}, data=str(tmp_path / "bad"), output=str(tmp_path / "d")))
+
+
+def test_training_on_an_image_folder(tmp_path):
+    for split in ("train", "test"):
+        _write_images(str(tmp_path / "data" / split), ["cat", "dog", "airplane"], 3)
+    results = train(TrainConfig(**{**SMALL, "shots": 2, "epochs": 1}, data=str(tmp_path / "data"),
+                                output=str(tmp_path / "run")))
+    assert 0 <= results["test"] <= 100
+
+
+def test_base_to_new_run_reports_base_new_and_harmonic_mean(tmp_path):
+    results = train(TrainConfig(**{**SMALL, "epochs": 1, "subsample": "base"}, output=str(tmp_path / "b2n")))
+    assert set(results) == {"base", "new", "hm"}
+    task = build_task(Trainer(TrainConfig(**SMALL, output=str(tmp_path / "x"))).clip_model, subsample="base",
+                      synthetic_classes=4)
+    assert task.classnames == ["red circle", "green square"]
+
+
+# ---- plots, protocols, benchmark -------------------------------------------------------------------
+
+def test_plot_writes_a_png(tmp_path):
+    runs = []
+    for method in ("coop", "dcp"):
+        run = str(tmp_path / method)
+        train(TrainConfig(**{**SMALL, "method": method, "epochs": 1}, output=run))
+        runs.append(run)
+    out = str(tmp_path / "plot.png")
+    assert cli.main(["plot", *runs, "--output", out]) == 0
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[0] > 500
+
+
+def test_a_protocol_runs_end_to_end_on_the_builtin_data(tmp_path, capsys):
+    out = str(tmp_path / "protocol")
+    assert cli.main(["run", "base2new", "--method", "coop", "--epochs", "1", "--shots", "2", "--seeds", "1", "2",
+                     "--output", out, "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "| | base | new | hm |" in text and "±" in text
+    assert os.path.exists(os.path.join(out, "summary.md"))
+
+
+def test_bench_reports_images_per_second_and_a_profile(capsys):
+    assert cli.main(["bench", "--methods", "coop", "--steps", "1", "--batch-size", "2", "--classes", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "| coop | reference |" in text and "text tower %" in text
+
+
+def test_eval_of_a_finished_run(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    train(TrainConfig(**{**SMALL, "epochs": 1}, output=run))
+    assert cli.main(["eval", run]) == 0
+    assert "test" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
