@@ -16,19 +16,20 @@ from torch import Tensor, nn
 
 from ..clip import Slot, clean_classname
 from .base import PromptMethod
-from .coop import TextPrompts, context_init, encode_classes
+from .text import TextPath, TextPrompts, context_init
 
 
 class CoCoOp(PromptMethod):
-    """CoCoOp. Config: n_ctx (4; taken from ctx_init when given), ctx_init ("a photo of a"), class_chunk,
-    checkpoint_text."""
+    """CoCoOp. Config: n_ctx (4; taken from ctx_init when given), ctx_init ("a photo of a"), and the text
+    path's class_chunk, checkpoint_text, pack_text, prefix_reuse (the prefix is shared per image)."""
 
     name = "cocoop"
     text_depends_on_images = True
 
     def __init__(self, clip_model, classnames: Iterable[str], *, n_ctx: int = 4,
                  ctx_init: Optional[str] = "a photo of a", class_chunk: Optional[int] = None,
-                 checkpoint_text: bool = False, backend: str = "auto"):
+                 checkpoint_text: bool = False, pack_text: bool = True, prefix_reuse: bool = True,
+                 backend: str = "auto"):
         super().__init__(clip_model, classnames, backend)
         self.ctx, self.n_ctx = context_init(self.clip, n_ctx, ctx_init)
         vis_dim = self.clip.embed_dim
@@ -37,7 +38,7 @@ class CoCoOp(PromptMethod):
             ("relu", nn.ReLU(inplace=True)),
             ("linear2", nn.Linear(vis_dim // 16, self.clip.text_width)),
         ]))
-        self.class_chunk, self.checkpoint_text = class_chunk, checkpoint_text
+        self.text_path = TextPath(class_chunk, checkpoint_text, pack_text, prefix_reuse)
         templates = [[Slot("ctx", self.n_ctx), " " + clean_classname(c) + "."] for c in self.classnames]
         self.prompts = TextPrompts(self.clip, templates, backend)
 
@@ -45,10 +46,9 @@ class CoCoOp(PromptMethod):
         with torch.no_grad():
             image_features = F.normalize(self.clip.encode_image(images), dim=-1)
         ctx = self.ctx.unsqueeze(0) + self.meta_net(image_features).unsqueeze(1)  # (B, n_ctx, Dt)
-        n_cls = len(self.classnames)
         text = []
-        for ctx_b in ctx:  # one prompt set per image
-            text.append(encode_classes(self.clip, self.prompts,
-                                       lambda sl: self.prompts.write(self.prompts.embeddings[sl], "ctx", ctx_b, sl),
-                                       n_cls, self.class_chunk, self.checkpoint_text))
+        for ctx_b in ctx:  # one prompt set per image: all its classes share SOS and the shifted context
+            text.append(self.prompts.encode(
+                self.clip, lambda sl: self.prompts.write(self.prompts.embeddings[sl], "ctx", ctx_b, sl),
+                self.text_path))
         return self.clip_logits(image_features, torch.stack(text)), {}

@@ -20,24 +20,26 @@ import torch
 from torch import Tensor, nn
 
 from ..clip import Slot, apply_block, clean_classname
-from ..clip.backbone import IMAGE_SCOPE, TEXT_SCOPE
+from ..clip.backbone import IMAGE_SCOPE
 from ..modules import CrossModalPromptAttention
 from .base import PromptMethod, append_with_ln, check_depth, normal_init, replace_with_ln
-from .coop import TextPrompts
+from .text import TextPath, TextPrompts
 from .distributed import gather_rows
 from .maple import first_words_context
 
 
 class DCP(PromptMethod):
     """DCP. Config: n_ctx (16), depth (9: CMPA before blocks 1..depth), fusing ("mean"), parameter_sharing
-    (True), couple_text (True), ctx_init (used only when n_ctx <= 4, as in the public code)."""
+    (True), couple_text (True), ctx_init (used only when n_ctx <= 4, as in the public code), and the text
+    path's checkpoint_text, pack_text, prefix_reuse (methods/text.py)."""
 
     name = "dcp"
     text_depends_on_images = True
 
     def __init__(self, clip_model, classnames: Iterable[str], *, n_ctx: int = 16, depth: int = 9,
                  fusing: str = "mean", parameter_sharing: bool = True, couple_text: bool = True,
-                 ctx_init: Optional[str] = "a photo of a", checkpoint_text: bool = False, backend: str = "auto"):
+                 ctx_init: Optional[str] = "a photo of a", checkpoint_text: bool = False, pack_text: bool = True,
+                 prefix_reuse: bool = True, backend: str = "auto"):
         super().__init__(clip_model, classnames, backend)
         clip = self.clip
         if clip.vision_layers != clip.text_layers:
@@ -45,7 +47,7 @@ class DCP(PromptMethod):
                              f"{clip.vision_layers} blocks and its text tower {clip.text_layers}")
         check_depth(self.name, depth, clip.vision_layers - 1, "CMPA")
         self.n_ctx, self.depth, self.couple_text = n_ctx, depth, couple_text
-        self.checkpoint_text = checkpoint_text
+        self.text_path = TextPath(None, checkpoint_text, pack_text, prefix_reuse)
         self.prompts_text, words = first_words_context(clip, n_ctx, ctx_init)
         self.prompts_visual = normal_init((n_ctx, clip.vision_width))
 
@@ -68,23 +70,25 @@ class DCP(PromptMethod):
         return self.cmpa if self.parameter_sharing else self.cmpa[layer - 1]
 
     def towers(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Image features (B, E) and text features (C, E), the towers stepped together."""
+        """Image features (B, E) and text features (C, E), the towers stepped together. With the shared prefix
+        the text prompt rows are one row set (the same for every class): CMPA then pools over one text row
+        instead of C identical ones, which is the same result."""
         clip, m = self.clip, self.n_ctx
         xv = append_with_ln(clip.image_tokens(images), self.prompts_visual, clip.ln_pre, self.backend)
-        xt = clip.text_stream(self.prompts.write(self.prompts.embeddings, "ctx", self.prompts_text))
+        text = self.prompts.stream(clip, self.prompts.write(self.prompts.embeddings, "ctx", self.prompts_text),
+                                   self.text_path)
         for layer, (vblock, tblock) in enumerate(zip(clip.vision_blocks, clip.text_blocks)):
-            xv_ln = xt_ln = None
+            xv_ln = None
             if 1 <= layer <= self.depth:
                 rows_v, local = gather_rows(xv[:, -m:])  # every rank's rows: the pooling sees the global batch
-                new_v, new_t = self.cmpa_at(layer)(rows_v, xt[:, 1:1 + m])
+                new_v, new_t = self.cmpa_at(layer)(rows_v, text.rows(1, m))
                 xv, xv_ln = replace_with_ln(xv, new_v[local], None, vblock.ln_1, self.backend)
                 if self.couple_text:
-                    xt, xt_ln = replace_with_ln(xt, new_t, 1, tblock.ln_1, self.backend)
+                    text.replace(new_t, 1, tblock.ln_1, self.backend)
             with torch.profiler.record_function(IMAGE_SCOPE):
                 xv = apply_block(vblock, xv, x_ln=xv_ln)
-            with torch.profiler.record_function(TEXT_SCOPE):
-                xt = apply_block(tblock, xt, causal=True, x_ln=xt_ln, checkpoint=self.checkpoint_text)
-        return clip.image_features(xv), clip.text_features(xt, self.prompts.eot)
+            text.step(tblock)
+        return clip.image_features(xv), text.features()
 
     def logits_and_extras(self, images: Tensor):
         image_features, text_features = self.towers(images)

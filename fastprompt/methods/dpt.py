@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from .. import insert_prompts
 from ..clip import BlockHooks, Slot, clean_classname
 from .base import PromptMethod, normal_init
-from .coop import TextPrompts, context_init, encode_classes
+from .text import TextPath, TextPrompts, context_init
 
 EARLY_LEARNED_TEXT_WEIGHT = 0.1  # weight of CE(prompted image, learned text) while epoch < switch_epoch
 
@@ -135,7 +135,8 @@ class DPT(PromptMethod):
                  bottom_limit: int = 12, top_k: int = 10, n_cavpt_tokens: int = 10, qk_dim: int = 32,
                  aux_weight: float = 0.3, switch_epoch: int = 30, template: str = "a photo of a {}.",
                  ctx_lr: float = 0.002, lr: float = 0.01, class_chunk: Optional[int] = None,
-                 checkpoint_text: bool = False, backend: str = "auto"):
+                 checkpoint_text: bool = False, pack_text: bool = True, prefix_reuse: bool = True,
+                 backend: str = "auto"):
         super().__init__(clip_model, classnames, backend)
         clip, n_cls, layers = self.clip, len(self.classnames), self.clip.vision_layers
         if not 1 <= bottom_limit <= layers + 1:
@@ -148,7 +149,7 @@ class DPT(PromptMethod):
         self.bottom_limit, self.top_k = bottom_limit, min(top_k, n_cls)
         self.aux_weight, self.switch_epoch = aux_weight, switch_epoch
         self.ctx_lr, self.lr = ctx_lr, lr
-        self.class_chunk, self.checkpoint_text = class_chunk, checkpoint_text
+        self.text_path = TextPath(class_chunk, checkpoint_text, pack_text, prefix_reuse)
         self.epoch = 0  # set by the trainer: the loss changes at switch_epoch
 
         # text: CoOp, class at the end
@@ -174,9 +175,8 @@ class DPT(PromptMethod):
 
     def text_features(self) -> Tensor:
         """The learned (CoOp) text features (C, E), unnormalised."""
-        return encode_classes(self.clip, self.prompts,
-                              lambda sl: self.prompts.write(self.prompts.embeddings[sl], "ctx", self.ctx, sl),
-                              len(self.classnames), self.class_chunk, self.checkpoint_text)
+        return self.prompts.encode(
+            self.clip, lambda sl: self.prompts.write(self.prompts.embeddings[sl], "ctx", self.ctx, sl), self.text_path)
 
     def select_classes(self, zero_shot_features: Tensor) -> Tensor:
         """The top-K classes (B, K) of each image by zero-shot logits against the template text features."""

@@ -11,18 +11,20 @@ from torch import Tensor
 
 from ..clip import Slot, clean_classname
 from .base import PromptMethod, ReplaceRows, check_depth, encode_prompted_image, normal_init
-from .coop import TextPrompts, encode_classes
+from .text import TextPath, TextPrompts
 from .maple import first_words_context
 
 
 class IVLP(PromptMethod):
-    """IVLP. Config: n_ctx_text (2), n_ctx_vision (2), depth_text (12), depth_vision (12), ctx_init."""
+    """IVLP. Config: n_ctx_text (2), n_ctx_vision (2), depth_text (12), depth_vision (12), ctx_init, and the
+    text path's class_chunk, checkpoint_text, pack_text, prefix_reuse (methods/text.py)."""
 
     name = "ivlp"
 
     def __init__(self, clip_model, classnames: Iterable[str], *, n_ctx_text: int = 2, n_ctx_vision: int = 2,
                  depth_text: int = 12, depth_vision: int = 12, ctx_init: Optional[str] = "a photo of a",
-                 class_chunk: Optional[int] = None, checkpoint_text: bool = False, backend: str = "auto"):
+                 class_chunk: Optional[int] = None, checkpoint_text: bool = False, pack_text: bool = True,
+                 prefix_reuse: bool = True, backend: str = "auto"):
         super().__init__(clip_model, classnames, backend)
         check_depth(self.name, depth_text, self.clip.text_layers, "text")
         check_depth(self.name, depth_vision, self.clip.vision_layers, "vision")
@@ -30,16 +32,15 @@ class IVLP(PromptMethod):
         self.ctx, prefix = first_words_context(self.clip, n_ctx_text, ctx_init)
         self.text_prompts = normal_init((max(depth_text - 1, 0), n_ctx_text, self.clip.text_width))
         self.visual_prompts = normal_init((depth_vision, n_ctx_vision, self.clip.vision_width))
-        self.class_chunk, self.checkpoint_text = class_chunk, checkpoint_text
+        self.text_path = TextPath(class_chunk, checkpoint_text, pack_text, prefix_reuse)
         self.prompts = TextPrompts(self.clip, [[Slot("ctx", n_ctx_text), prefix + " " + clean_classname(c) + "."]
                                                for c in self.classnames], backend)
 
     def text_features(self) -> Tensor:
         deep = {layer: self.text_prompts[layer - 1] for layer in range(1, self.depth_text)}
         hooks = ReplaceRows(self.clip.text_blocks, deep, 1, self.backend)
-        return encode_classes(self.clip, self.prompts, lambda sl: self.prompts.write(
-            self.prompts.embeddings[sl], "ctx", self.ctx, sl), len(self.classnames), self.class_chunk,
-            self.checkpoint_text, hooks)
+        return self.prompts.encode(self.clip, lambda sl: self.prompts.write(
+            self.prompts.embeddings[sl], "ctx", self.ctx, sl), self.text_path, hooks)
 
     def logits_and_extras(self, images: Tensor):
         if self.depth_vision:

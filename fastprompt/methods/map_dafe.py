@@ -26,7 +26,7 @@ from .. import insert_prompts
 from ..clip import BlockHooks, Slot, clean_classname
 from ..modules import DeepAdaptiveFeatureEnhancement
 from .base import PromptMethod, append_with_ln, check_depth, normal_init
-from .coop import TextPrompts
+from .text import TextPath, TextPrompts
 
 
 def prompt_rows(x: Tensor, start, m: int) -> Tensor:
@@ -62,14 +62,15 @@ class DAFERows(BlockHooks):
 
 class MAPDAFE(PromptMethod):
     """MAP-DAFE. Config: n_ctx_text (4), n_ctx_vision (4), depth (9: prompts enter at block 0, DAFE before
-    blocks 1..depth−1 of both towers), gate ("channel", "token" or "scalar"), class_chunk (None: all classes
-    at once), checkpoint_text (False)."""
+    blocks 1..depth−1 of both towers), gate ("channel", "token" or "scalar"), and the text path's class_chunk,
+    checkpoint_text, pack_text, prefix_reuse (methods/text.py)."""
 
     name = "map_dafe"
 
     def __init__(self, clip_model, classnames: Iterable[str], *, n_ctx_text: int = 4, n_ctx_vision: int = 4,
                  depth: int = 9, gate: str = "channel", class_chunk: Optional[int] = None,
-                 checkpoint_text: bool = False, backend: str = "auto"):
+                 checkpoint_text: bool = False, pack_text: bool = True, prefix_reuse: bool = True,
+                 backend: str = "auto"):
         super().__init__(clip_model, classnames, backend)
         clip = self.clip
         check_depth(self.name, depth, clip.text_layers, "text")
@@ -80,7 +81,7 @@ class MAPDAFE(PromptMethod):
             raise ValueError(f"map_dafe: n_ctx_text and n_ctx_vision must be at least 1, got {n_ctx_text} "
                              f"and {n_ctx_vision}")
         self.depth, self.n_ctx_text, self.n_ctx_vision = depth, n_ctx_text, n_ctx_vision
-        self.class_chunk, self.checkpoint_text = class_chunk, checkpoint_text
+        self.text_path = TextPath(class_chunk, checkpoint_text, pack_text, prefix_reuse)
         dt, dv = clip.text_width, clip.vision_width
         # block 0's prompts, then the fresh (task-level) prompt of each block 1..depth−1 (one parameter per
         # block: depth 1 has none, rather than an empty tensor that DDP would report as unused)
@@ -96,18 +97,16 @@ class MAPDAFE(PromptMethod):
         self.prompts = TextPrompts(clip, templates, backend)
 
     def text_features(self) -> Tensor:
-        """(C, E), `class_chunk` classes at a time. The prompt rows start where each class's template ends."""
-        n_cls = len(self.classnames)
-        chunk = self.class_chunk or n_cls
+        """(C, E), class chunk by class chunk. The prompt rows start where each class's template ends: after the
+        shared prefix ([SOS] a photo of a), so the DAFE rows are rewritten in the suffixes."""
         start = self.prompts.starts("ctx")
-        feats = []
-        for lo in range(0, n_cls, chunk):
-            sl = slice(lo, min(lo + chunk, n_cls))
-            x = self.clip.text_stream(self.prompts.write(self.prompts.embeddings[sl], "ctx", self.prompts_text, sl))
-            hooks = DAFERows(self.clip.text_blocks, self.dafe_text, self.task_text,
-                             start[sl] if isinstance(start, Tensor) else start, self.backend)
-            feats.append(self.clip.encode_text_stream(x, self.prompts.eot[sl], hooks, checkpoint=self.checkpoint_text))
-        return torch.cat(feats) if len(feats) > 1 else feats[0]
+
+        def dafe_rows(sl: slice, offset: int):  # rows counted from `offset`, the first row after the prefix
+            rows = start[sl] if isinstance(start, Tensor) else start
+            return DAFERows(self.clip.text_blocks, self.dafe_text, self.task_text, rows - offset, self.backend)
+
+        return self.prompts.encode(self.clip, lambda sl: self.prompts.write(
+            self.prompts.embeddings[sl], "ctx", self.prompts_text, sl), self.text_path, suffix_hooks=dafe_rows)
 
     def image_features(self, images: Tensor) -> Tensor:
         clip = self.clip

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..clip import Slot, clean_classname, tokenize_words
 from .base import PromptMethod, ReplaceRows, check_depth, encode_prompted_image, normal_init
-from .coop import TextPrompts, encode_classes
+from .text import TextPath, TextPrompts
 
 
 def first_words_context(clip, n_ctx: int, ctx_init: Optional[str]) -> tuple[nn.Parameter, str]:
@@ -40,13 +40,15 @@ def _decode(ids) -> str:
 
 
 class MaPLe(PromptMethod):
-    """MaPLe. Config: n_ctx (2), depth (9: blocks 0..depth−1 of both towers receive prompts), ctx_init."""
+    """MaPLe. Config: n_ctx (2), depth (9: blocks 0..depth−1 of both towers receive prompts), ctx_init, and
+    the text path's class_chunk, checkpoint_text, pack_text, prefix_reuse (methods/text.py)."""
 
     name = "maple"
 
     def __init__(self, clip_model, classnames: Iterable[str], *, n_ctx: int = 2, depth: int = 9,
                  ctx_init: Optional[str] = "a photo of a", class_chunk: Optional[int] = None,
-                 checkpoint_text: bool = False, backend: str = "auto"):
+                 checkpoint_text: bool = False, pack_text: bool = True, prefix_reuse: bool = True,
+                 backend: str = "auto"):
         super().__init__(clip_model, classnames, backend)
         for layers, what in ((self.clip.text_layers, "text"), (self.clip.vision_layers, "vision")):
             check_depth(self.name, depth, layers, what)
@@ -59,16 +61,15 @@ class MaPLe(PromptMethod):
         self.compound_prompts_text = nn.ParameterList([normal_init((n_ctx, dt)) for _ in range(depth - 1)])
         layer = nn.Linear(dt, dv)  # the public code clones one initialised layer: all start equal
         self.compound_prompt_projections = nn.ModuleList([copy.deepcopy(layer) for _ in range(depth - 1)])
-        self.class_chunk, self.checkpoint_text = class_chunk, checkpoint_text
+        self.text_path = TextPath(class_chunk, checkpoint_text, pack_text, prefix_reuse)
         self.prompts = TextPrompts(self.clip, [[Slot("ctx", n_ctx), words + " " + clean_classname(c) + "."]
                                                for c in self.classnames], backend)
 
     def text_features(self) -> Tensor:
         deep = {layer: self.compound_prompts_text[layer - 1] for layer in range(1, self.depth)}
         hooks = ReplaceRows(self.clip.text_blocks, deep, 1, self.backend)
-        return encode_classes(self.clip, self.prompts, lambda sl: self.prompts.write(
-            self.prompts.embeddings[sl], "ctx", self.ctx, sl), len(self.classnames), self.class_chunk,
-            self.checkpoint_text, hooks)
+        return self.prompts.encode(self.clip, lambda sl: self.prompts.write(
+            self.prompts.embeddings[sl], "ctx", self.ctx, sl), self.text_path, hooks)
 
     def image_features(self, images: Tensor) -> Tensor:
         deep = {layer: proj(self.compound_prompts_text[layer - 1])

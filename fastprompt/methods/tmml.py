@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .. import insert_prompts
 from ..clip import Slot, clean_classname, run_blocks
 from .base import PromptMethod
-from .coop import TextPrompts, context_init
+from .text import TextPath, TextPrompts, context_init
 from .distributed import gather_rows
 
 
@@ -51,8 +51,8 @@ class SingleHeadCrossAttention(nn.Module):
 
 class TMML(PromptMethod):
     """TMML. Config: n_ctx (4; taken from ctx_init when given), ctx_init ("a photo of a"), attn_dim (64),
-    gamma_init (0.1), lam (1.0: weight of the InfoNCE term), class_chunk (None: all classes at once),
-    checkpoint_text (False)."""
+    gamma_init (0.1), lam (1.0: weight of the InfoNCE term), and the text path's class_chunk, checkpoint_text,
+    pack_text, prefix_reuse (methods/text.py; only SOS is shared here)."""
 
     name = "tmml"
     text_depends_on_images = True
@@ -60,7 +60,7 @@ class TMML(PromptMethod):
     def __init__(self, clip_model, classnames: Iterable[str], *, n_ctx: int = 4,
                  ctx_init: Optional[str] = "a photo of a", attn_dim: int = 64, gamma_init: float = 0.1,
                  lam: float = 1.0, class_chunk: Optional[int] = None, checkpoint_text: bool = False,
-                 backend: str = "auto"):
+                 pack_text: bool = True, prefix_reuse: bool = True, backend: str = "auto"):
         super().__init__(clip_model, classnames, backend)
         clip = self.clip
         e, dt = clip.embed_dim, clip.text_width
@@ -73,10 +73,13 @@ class TMML(PromptMethod):
         ]))
         self.tft = SingleHeadCrossAttention(e, attn_dim)
         self.gamma = nn.Parameter(torch.tensor(float(gamma_init)))
-        self.lam, self.class_chunk, self.checkpoint_text = lam, class_chunk, checkpoint_text
+        self.lam = lam
+        self.text_path = TextPath(class_chunk, checkpoint_text, pack_text, prefix_reuse)
         names = [clean_classname(c) for c in self.classnames]
         # the context comes first, so its slot is row 1 of every class: one int offset for all B·C sequences
-        self.prompts = TextPrompts(clip, [[Slot("ctx", self.n_ctx), " " + name + "."] for name in names], backend)
+        # every (image, class) sequence has its own context: only SOS is shared
+        self.prompts = TextPrompts(clip, [[Slot("ctx", self.n_ctx), " " + name + "."] for name in names], backend,
+                                   shared_rows=1)
         tokens = open_clip.tokenize([f"a photo of a {name}." for name in names], context_length=clip.context_length)
         tokens = tokens.to(clip.model.logit_scale.device)
         with torch.no_grad():  # t_c, frozen: recomputed from the class names, so not in checkpoints
@@ -93,7 +96,7 @@ class TMML(PromptMethod):
         """Per-image contexts ctx (B, C, M, Dt) → text features (B, C, E): B·c sequences per class chunk,
         laid out image-major (sequence b·c + j is class j of the chunk for image b)."""
         b, n_cls = ctx.shape[:2]
-        chunk = self.class_chunk or n_cls
+        chunk = self.text_path.class_chunk or n_cls
         start = self.prompts.starts("ctx")
         feats = []
         for lo in range(0, n_cls, chunk):
@@ -102,8 +105,7 @@ class TMML(PromptMethod):
             emb = emb.unsqueeze(0).expand(b, *emb.shape).reshape(-1, *emb.shape[1:])  # (B·c, L, Dt)
             rows = ctx[:, sl].reshape(-1, *ctx.shape[2:])  # (B·c, M, Dt)
             x = insert_prompts(emb, rows, start, mode="replace", backend=self.backend)[0]
-            f = self.clip.encode_text_stream(self.clip.text_stream(x), self.prompts.eot[sl].repeat(b),
-                                             checkpoint=self.checkpoint_text)
+            f = self.prompts.encode_chunk(self.clip, x, sl, self.text_path, repeat=b)
             feats.append(f.view(b, -1, f.shape[-1]))
         return torch.cat(feats, 1) if len(feats) > 1 else feats[0]
 

@@ -279,6 +279,7 @@ class Trainer:
             self.log.write(kind="run", config=json.loads(config.to_json()),
                            data=self.task.description, world_size=self.world, device=str(self.device),
                            precision=str(self.precision or torch.float32), backend=self.resolved_backend(),
+                           text_path=self.method.text_path.describe() if hasattr(self.method, "text_path") else None,
                            torch=torch.__version__)
         last_eval: dict = {}
         ran = 0
