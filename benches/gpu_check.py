@@ -22,6 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fastprompt  # noqa: E402
 from fastprompt import backends  # noqa: E402
@@ -138,6 +139,51 @@ def _median_us(steps, reps, warmup=10):
     return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3
 
 
+def attention_variants(out_dir) -> str:
+    """Causal attention over packed ragged sequences on the GPU: torch's varlen_attn (flash) against the
+    padded SDPA the packed text path uses, and FlexAttention with a document mask (compiled), bf16, 1000
+    sequences of 3-21 tokens, 8 heads of 64: decides whether the packed path should call varlen_attn here."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(3, 22, (1000,), generator=g)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).int()]).cuda()
+    t, s_max = int(lens.sum()), int(lens.max())
+    q, k, v = (torch.randn(t, 8, 64, device="cuda", dtype=DTYPE) for _ in range(3))
+    pad_index = torch.full((1000, s_max), t, dtype=torch.long)
+    for n, (start, length) in enumerate(zip(cu[:-1].tolist(), lens.tolist())):
+        pad_index[n, :length] = torch.arange(start, start + length)
+    pad_index = pad_index.cuda()
+
+    def padded():
+        qp, kp, vp = (torch.cat([x, x.new_zeros(1, 8, 64)])[pad_index].transpose(1, 2) for x in (q, k, v))
+        return F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+
+    rows = {"padded SDPA (the packed path)": padded}
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        rows["varlen_attn"] = lambda: varlen_attn(q, k, v, cu, cu, s_max, s_max, window_size=(-1, 0))
+    except ImportError as exc:
+        print(f"varlen_attn unavailable: {exc}")
+    lines = ["causal attention, 1000 ragged sequences (3-21 tokens), 8×64 heads, bf16: median µs", "",
+             "| variant | µs |", "|---|---|"]
+    for name, fn in rows.items():
+        try:
+            lines.append(f"| {name} | {_median_us([fn], 50):,.1f} |")
+        except Exception as exc:
+            lines.append(f"| {name} | failed: {type(exc).__name__}: {str(exc)[:80]} |")
+    return "\n".join(lines)
+
+
+def text_tower_tables() -> str:
+    """The exact text-tower acceleration on this GPU (benches/text_tower_figures.py), C = 1000, 2 and 16
+    context tokens, fp32."""
+    from text_tower_figures import measure, table
+
+    return "\n\n".join(table(measure("ViT-B-16", 1000, n_ctx, rounds=5)) for n_ctx in (2, 16))
+
+
 def run(out_dir, reps, skip_compile):
     os.makedirs(out_dir, exist_ok=True)
     jsonl = open(os.path.join(out_dir, "results.jsonl"), "a")
@@ -181,6 +227,14 @@ def run(out_dir, reps, skip_compile):
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     print(table)
+    for section in (attention_variants, text_tower_tables):
+        try:
+            text = section(out_dir) if section is attention_variants else section()
+        except Exception as exc:
+            text = f"{section.__name__} failed: {type(exc).__name__}: {exc}"
+        with open(os.path.join(out_dir, "results.md"), "a") as f:
+            f.write("\n" + text + "\n")
+        print("\n" + text, flush=True)
 
 
 def format_table(card, rows):

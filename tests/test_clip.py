@@ -58,3 +58,12 @@ def test_slots_land_where_the_text_says():
 def test_a_prompt_longer_than_the_context_is_an_error():
     with pytest.raises(ValueError, match="more than the context length 8"):
         tokenize_templates([[Slot("ctx", 4), " a very long class name indeed"]], 8)
+
+
+def test_a_failed_download_says_how_to_pass_a_local_checkpoint(monkeypatch):
+    def offline(*args, **kwargs):
+        raise RuntimeError("Failed to download weights for tag 'openai'")
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    with pytest.raises(RuntimeError, match="pass its local path as pretrained="):
+        create_clip("ViT-B-32", pretrained="openai")

@@ -167,14 +167,20 @@ def test_unsupported_models_get_a_clear_error():
         methods.build("coop", pooled, CLASSNAMES)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast in bf16/fp16 is checked on a GPU")
 @pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_autocast_on_cuda(name, dtype):
-    method = build(name).cuda()
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16),
+                                          pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+                                          pytest.param("cuda", torch.float16, marks=pytest.mark.gpu)],
+                         ids=["cpu-bf16", "cuda-bf16", "cuda-fp16"])
+def test_autocast(name, device, dtype):
+    """Under torch.autocast the whole method runs in the autocast dtype; the trained tensors stay fp32."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    method = build(name).to(device)
     images, labels = batch()
-    with torch.autocast("cuda", dtype=dtype):
-        loss = method.loss(images.cuda(), labels.cuda())
+    with torch.autocast(device, dtype=dtype):
+        loss = method.loss(images.to(device), labels.to(device))
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in method.parameters())
+    trained = [p for p in method.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
