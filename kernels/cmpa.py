@@ -43,7 +43,9 @@ import triton.language as tl
 from torch import Tensor
 
 from fastprompt import backends
+from fastprompt.ops import fakes
 from fastprompt._alloc import empty
+from fastprompt.ops.cmpa_layout import forward_layout, offsets
 from fastprompt.reference.cmpa import N_SIDE_PARAMS, CMPASideParams
 
 from ._common import dot_precision, dtype_reason, next_pow2
@@ -62,25 +64,14 @@ POOL_BLOCK_B = 32
 # ---- workspace layouts (fp32, row-major, one flat buffer per side) -----------------------------
 
 def _fwd_layout(m: int, d: int, h: int, f: int) -> dict[str, tuple[int, int]]:
-    """name -> (offset, size) in the forward workspace of one side."""
-    sizes = [("xbar", m * d), ("p", m * d), ("stats", 6 * m), ("qkv", 3 * m * d), ("probs", h * m * m),
-             ("o", m * d), ("x1", m * d), ("h", m * f)]
-    return _offsets(sizes)
+    """name -> (offset, size) in the forward workspace of one side (shared with the CUDA kernels)."""
+    return forward_layout(m, d, h, f)
 
 
 def _bwd_layout(m: int, d: int, d_other: int, f: int) -> dict[str, tuple[int, int]]:
     sizes = [("dy", m * d), ("dh", m * f), ("dc", m * d), ("dx1", m * d), ("do", m * d), ("dqkv", 3 * m * d),
              ("da", m * d), ("db", m * d), ("dxbar_ln", m * d), ("dother", m * d_other)]
-    return _offsets(sizes)
-
-
-def _offsets(sizes):
-    out, at = {}, 0
-    for name, size in sizes:
-        out[name] = (at, size)
-        at += size
-    out["_total"] = (at, 0)
-    return out
+    return offsets(sizes)
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -891,17 +882,7 @@ def cmpa_fwd_triton(visual: Tensor, text: Tensor, visual_params: list[Tensor], t
     return out_v, out_t, [wsv, wst, idx_v, idx_t]
 
 
-@cmpa_fwd_triton.register_fake
-def _(visual, text, visual_params, text_params, n_head_visual, n_head_text, fusing, eps, compute_text):
-    m, _, dv = visual.shape
-    dt = text.shape[2]
-    lv = _fwd_layout(m, dv, n_head_visual, visual_params[10].shape[0])["_total"][0]
-    lt = _fwd_layout(m, dt, n_head_text, text_params[10].shape[0])["_total" if compute_text else "p"][0]
-    is_max = fusing == "max"
-    return (visual.new_empty(m, dv), text.new_empty((m, dt) if compute_text else (0,)),
-            [visual.new_empty(lv, dtype=torch.float32), text.new_empty(lt, dtype=torch.float32),
-             visual.new_empty((m, dv) if is_max else (0,), dtype=torch.int32),
-             text.new_empty((m, dt) if is_max else (0,), dtype=torch.int32)])
+cmpa_fwd_triton.register_fake(fakes.cmpa_fwd)
 
 
 def _grads_like(params: CMPASideParams) -> CMPASideParams:
@@ -991,13 +972,7 @@ def cmpa_bwd_triton(grad_visual_out: Optional[Tensor], grad_text_out: Optional[T
     return dvisual, dtext, list(gv), (list(gt) if compute_text else [p.new_empty(0) for p in st.p])
 
 
-@cmpa_bwd_triton.register_fake
-def _(grad_visual_out, grad_text_out, visual, text, visual_params, text_params, saved, n_head_visual, n_head_text,
-      fusing, eps, compute_text):
-    return (torch.empty_like(visual, memory_format=torch.contiguous_format),
-            torch.empty_like(text, memory_format=torch.contiguous_format),
-            [torch.empty_like(p) for p in visual_params],
-            [torch.empty_like(p) if compute_text else p.new_empty(0) for p in text_params])
+cmpa_bwd_triton.register_fake(fakes.cmpa_bwd)
 
 
 def supports(problem: dict) -> Optional[str]:

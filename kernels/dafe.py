@@ -32,6 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastprompt import backends
+from fastprompt.ops import fakes
 from fastprompt._alloc import empty
 
 from ._common import dot_precision, dtype_reason, next_pow2
@@ -371,15 +372,7 @@ def dafe_fwd_triton(prev: Tensor, task: Tensor, params: list[Tensor], gate: str,
     return out, [z, mean, rstd]
 
 
-@dafe_fwd_triton.register_fake
-def _(prev, task, params, gate, eps):
-    n, m, d = prev.shape
-    out = prev.new_empty(n, m, d)
-    if gate == "scalar":
-        return out, []
-    k = params[2].shape[0]
-    return out, [prev.new_empty(n, m, k, dtype=torch.float32), prev.new_empty(n * m, dtype=torch.float32),
-                 prev.new_empty(n * m, dtype=torch.float32)]
+dafe_fwd_triton.register_fake(fakes.dafe_fwd)
 
 
 @torch.library.custom_op("fastprompt::dafe_bwd_triton", mutates_args=())
@@ -436,10 +429,7 @@ def dafe_bwd_triton(grad_out: Tensor, prev: Tensor, task: Tensor, params: list[T
     return dprev, dtask, grads
 
 
-@dafe_bwd_triton.register_fake
-def _(grad_out, prev, task, params, saved, gate, eps):
-    return (torch.empty_like(prev, memory_format=torch.contiguous_format),
-            torch.empty_like(task, memory_format=torch.contiguous_format), [torch.empty_like(p) for p in params])
+dafe_bwd_triton.register_fake(fakes.dafe_bwd)
 
 
 def supports(problem: dict) -> Optional[str]:

@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastprompt import backends
+from fastprompt.ops import fakes
 from fastprompt._alloc import empty
 from fastprompt.reference.insert import out_len
 
@@ -199,14 +200,7 @@ def insert_prompts_fwd_triton(x: Tensor, prompts: Tensor, start: int, starts: Op
     return y, y_ln, ([mean, rstd] if has_ln else [])
 
 
-@insert_prompts_fwd_triton.register_fake
-def _(x, prompts, start, starts, ln_weight, ln_bias, eps, mode):
-    n, length, d = x.shape
-    l_out = out_len(length, prompts.shape[-2], mode)
-    if ln_weight is None and ln_bias is None:
-        return x.new_empty(n, l_out, d), x.new_empty(0), []
-    stats = [x.new_empty(n, l_out, dtype=torch.float32) for _ in range(2)]
-    return x.new_empty(n, l_out, d), x.new_empty(n, l_out, d), stats
+insert_prompts_fwd_triton.register_fake(fakes.insert_prompts_fwd)
 
 
 @torch.library.custom_op("fastprompt::insert_prompts_bwd_triton", mutates_args=())
@@ -246,11 +240,7 @@ def insert_prompts_bwd_triton(grad_y: Optional[Tensor], grad_y_ln: Optional[Tens
     return dx, dprompts, ln_grads
 
 
-@insert_prompts_bwd_triton.register_fake
-def _(grad_y, grad_y_ln, x, prompts, start, starts, ln_weight, ln_bias, saved, eps, mode):
-    ln_grads = [torch.empty_like(p) for p in (ln_weight, ln_bias) if p is not None]
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(prompts, memory_format=torch.contiguous_format), ln_grads)
+insert_prompts_bwd_triton.register_fake(fakes.insert_prompts_bwd)
 
 
 def supports(problem: dict) -> Optional[str]:

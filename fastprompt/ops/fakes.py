@@ -1,0 +1,57 @@
+"""Fake (meta) implementations of the kernel backends' raw ops. The Triton and CUDA backends save the same
+tensors for their backward (fastprompt/ops/cmpa_layout.py for CMPA), so one fake serves both."""
+
+import torch
+
+from ..reference.insert import out_len
+from .cmpa_layout import forward_size
+
+
+def _contiguous_like(t):
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def insert_prompts_fwd(x, prompts, start, starts, ln_weight, ln_bias, eps, mode):
+    n, length, d = x.shape
+    l_out = out_len(length, prompts.shape[-2], mode)
+    if ln_weight is None and ln_bias is None:
+        return x.new_empty(n, l_out, d), x.new_empty(0), []
+    stats = [x.new_empty(n, l_out, dtype=torch.float32) for _ in range(2)]
+    return x.new_empty(n, l_out, d), x.new_empty(n, l_out, d), stats
+
+
+def insert_prompts_bwd(grad_y, grad_y_ln, x, prompts, start, starts, ln_weight, ln_bias, saved, eps, mode):
+    ln_grads = [torch.empty_like(p) for p in (ln_weight, ln_bias) if p is not None]
+    return _contiguous_like(x), _contiguous_like(prompts), ln_grads
+
+
+def dafe_fwd(prev, task, params, gate, eps):
+    n, m, d = prev.shape
+    out = prev.new_empty(n, m, d)
+    if gate == "scalar":
+        return out, []
+    k = params[2].shape[0]
+    return out, [prev.new_empty(n, m, k, dtype=torch.float32), prev.new_empty(n * m, dtype=torch.float32),
+                 prev.new_empty(n * m, dtype=torch.float32)]
+
+
+def dafe_bwd(grad_out, prev, task, params, saved, gate, eps):
+    return _contiguous_like(prev), _contiguous_like(task), [torch.empty_like(p) for p in params]
+
+
+def cmpa_fwd(visual, text, visual_params, text_params, n_head_visual, n_head_text, fusing, eps, compute_text):
+    m, _, dv = visual.shape
+    dt = text.shape[2]
+    lv = forward_size(m, dv, n_head_visual, visual_params[10].shape[0])
+    lt = forward_size(m, dt, n_head_text, text_params[10].shape[0], compute_text)
+    is_max = fusing == "max"
+    return (visual.new_empty(m, dv), text.new_empty((m, dt) if compute_text else (0,)),
+            [visual.new_empty(lv, dtype=torch.float32), text.new_empty(lt, dtype=torch.float32),
+             visual.new_empty((m, dv) if is_max else (0,), dtype=torch.int32),
+             text.new_empty((m, dt) if is_max else (0,), dtype=torch.int32)])
+
+
+def cmpa_bwd(grad_visual_out, grad_text_out, visual, text, visual_params, text_params, saved, n_head_visual,
+             n_head_text, fusing, eps, compute_text):
+    return (_contiguous_like(visual), _contiguous_like(text), [torch.empty_like(p) for p in visual_params],
+            [torch.empty_like(p) if compute_text else p.new_empty(0) for p in text_params])
