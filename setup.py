@@ -9,10 +9,16 @@ FASTPROMPT_BUILD_CUDA selects the extension build:
 TORCH_CUDA_ARCH_LIST is honoured (default "8.0;9.0+PTX"); MAX_JOBS defaults to what memory allows.
 Kernels live in torch-free `.cu` files; only `csrc/bindings.cpp` includes the torch headers, which is
 what keeps the build short on small machines.
+
+Version and torch requirement. A build with the extension is tied to the torch it was compiled against (the
+binding uses torch's C++ API, not its stable ABI, see README "Wheels"), so its version carries a local label
+naming CUDA and torch, 0.1.0+cu130torch2.14, and its metadata pins torch to that major.minor. A build
+without the extension is plain 0.1.0 and takes any torch>=2.4.
 """
 
-import glob
 import os
+import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -26,20 +32,10 @@ def _log(msg: str) -> None:
     print(f"fastprompt setup: {msg}", file=sys.stderr)
 
 
-def _cuda_home() -> str | None:
-    """The CUDA toolkit root: $CUDA_HOME, else the toolkit that owns the include/ beside nvcc (following
-    wrapper scripts such as /usr/local/bin/nvcc), else /usr/local/cuda."""
-    if os.environ.get("CUDA_HOME"):
-        return os.environ["CUDA_HOME"]
-    candidates = []
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    candidates.append("/usr/local/cuda")
-    for root in candidates:
-        if os.path.exists(os.path.join(root, "include", "cuda_runtime_api.h")):
-            return root
-    return None
+# shared with the JIT build of fastprompt/_extension.py; loaded by path (neither torch nor fastprompt may be
+# importable yet)
+_BUILD_ENV = runpy.run_path(os.path.join(ROOT, "fastprompt", "_build_env.py"))
+_cuda_home = _BUILD_ENV["cuda_home"]
 
 
 def _gpu_present() -> bool:
@@ -109,7 +105,7 @@ def _extensions():
     os.environ.setdefault("MAX_JOBS", _default_max_jobs())
     _log(f"building fastprompt._C for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
          f"with MAX_JOBS={os.environ['MAX_JOBS']}")
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu"))
+    sources = [os.path.relpath(p, ROOT) for p in _BUILD_ENV["extension_sources"](ROOT)]
     ext = CUDAExtension(
         name="fastprompt._C",
         sources=sources,
@@ -119,9 +115,37 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
+BASE_DEPENDENCIES = [
+    "triton>=3.0; platform_system == 'Linux'",
+    "open_clip_torch>=2.24",
+    "numpy",
+    "matplotlib",
+    "tqdm",
+]
+
+
+def _base_version() -> str:
+    with open(os.path.join(ROOT, "fastprompt", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def _version_and_torch_requirement(with_extension: bool) -> tuple[str, str]:
+    if not with_extension:
+        return _base_version(), "torch>=2.4"
+    import torch
+
+    torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    cuda = (torch.version.cuda or "0.0").replace(".", "")
+    return f"{_base_version()}+cu{cuda}torch{torch_mm}", f"torch=={torch_mm}.*"
+
+
 ext_modules, cmdclass = _extensions()
+version, torch_requirement = _version_and_torch_requirement(bool(ext_modules))
+_log(f"version {version}, requires {torch_requirement}")
 
 setup(
+    version=version,
+    install_requires=[torch_requirement] + BASE_DEPENDENCIES,
     packages=find_packages(include=["fastprompt", "fastprompt.*"])
     + ["fastprompt.kernels"]
     + [f"fastprompt.kernels.{p}" for p in find_packages("kernels")],

@@ -3,17 +3,24 @@
 The extension is optional: without it every op still runs on the reference and Triton backends.
 An extension built against another torch or CUDA than the one running is refused at load time
 with both versions in the message, instead of crashing later.
+
+In a source checkout without a build, FASTPROMPT_JIT_BUILD=1 compiles csrc/ on first use with
+torch.utils.cpp_extension.load (cached under TORCH_EXTENSIONS_DIR, rebuilt when a source changes) and
+loads it as an op library: the same ops, no install step.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Optional
 
 import torch
 
+JIT_ENV = "FASTPROMPT_JIT_BUILD"
 _HOW_TO_BUILD = ("build it with `FASTPROMPT_BUILD_CUDA=1 pip install --no-build-isolation -e .` "
-                 "(needs nvcc) or install a fastprompt wheel built for this torch and CUDA")
+                 f"(needs nvcc), set {JIT_ENV}=1 in a source checkout to compile it on first use, "
+                 "or install a fastprompt wheel built for this torch and CUDA")
 
 
 def _major_minor(version: str) -> str:
@@ -27,10 +34,19 @@ def load() -> Optional[str]:
     except ImportError as exc:
         text = str(exc)
         if "No module named" in text:
+            if os.environ.get(JIT_ENV, "0") == "1":
+                reason = _jit_build()
+                if reason is not None:
+                    return reason
+                return _check_versions()
             return f"the extension fastprompt._C is not built: {_HOW_TO_BUILD}"
         return f"the extension fastprompt._C failed to load ({text}); it was probably built for another torch: {_HOW_TO_BUILD}"
     except OSError as exc:  # missing libcudart and the like
         return f"the extension fastprompt._C failed to load ({exc}): {_HOW_TO_BUILD}"
+    return _check_versions()
+
+
+def _check_versions() -> Optional[str]:
     info = build_info()
     built_torch, built_cuda = info.get("torch", "?"), info.get("cuda", "?")
     if _major_minor(built_torch) != _major_minor(torch.__version__):
@@ -40,6 +56,32 @@ def load() -> Optional[str]:
     if running_cuda == "none" or built_cuda.split(".")[0] != running_cuda.split(".")[0]:
         return (f"fastprompt._C was built for CUDA {built_cuda} but this torch uses CUDA {running_cuda}: "
                 f"{_HOW_TO_BUILD}")
+    return None
+
+
+def _jit_build() -> Optional[str]:
+    """Compile and load csrc/ of this source checkout; None on success, else why not."""
+    from . import _build_env
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sources = _build_env.extension_sources(root)
+    if not sources:
+        return f"{JIT_ENV}=1 needs a source checkout (csrc/ beside the package), and there is none: {_HOW_TO_BUILD}"
+    cuda_home = _build_env.cuda_home()
+    if cuda_home is None:
+        return f"{JIT_ENV}=1 but no CUDA toolkit (nvcc and its headers) was found: set CUDA_HOME"
+    os.environ.setdefault("CUDA_HOME", cuda_home)
+    if not torch.cuda.is_available():  # torch would otherwise build for every architecture it knows
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    from torch.utils import cpp_extension
+
+    cpp_extension.CUDA_HOME = cuda_home  # read at its import, possibly before the line above
+    try:
+        cpp_extension.load(name="fastprompt_C_jit", sources=sources, extra_include_paths=[os.path.join(root, "csrc")],
+                           extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], is_python_module=False,
+                           verbose=os.environ.get("FASTPROMPT_JIT_VERBOSE", "0") == "1")
+    except (RuntimeError, OSError, ImportError) as exc:
+        return f"the JIT build of csrc/ failed ({str(exc)[-500:]}): {_HOW_TO_BUILD}"
     return None
 
 
