@@ -166,6 +166,36 @@ def test_triton_launch_budget(device, fusing):
         assert fwd_kernels <= 6 and bwd_kernels <= 8, (fwd_kernels, bwd_kernels)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("widths", [(24, 3, 40, 5), (768, 12, 512, 8)], ids=["small", "vit-b16"])
+@pytest.mark.parametrize("fusing", FUSINGS)
+def test_cuda_one_launch_each_way(widths, fusing):
+    """The CUDA C++ CMPA runs both sides in one cooperative launch forward and one backward, counted by the
+    extension (which would report the per-stage fallback) and by the profiler."""
+    dev = require_backend("cmpa", "cuda", "cuda")
+    from fastprompt.ops import cuda_impls
+
+    dv, hv, dt, ht = widths
+    module = make_module(dv, hv, dt, ht, fusing, backend="cuda").to(dev)
+    visual = torch.randn(7, 4, dv, device=dev, requires_grad=True)
+    text = torch.randn(7, 6, dt, device=dev, requires_grad=True)
+    before = cuda_impls.launches()
+    new_v, new_t = module(visual, text)
+    forward = cuda_impls.launches() - before
+    before = cuda_impls.launches()
+    torch.autograd.backward([new_v, new_t], [torch.ones_like(new_v), torch.ones_like(new_t)])
+    backward = cuda_impls.launches() - before
+    assert (forward, backward) == (1, 1)
+    vp = [p.detach() for p in module.side_params("visual")]
+    tp = [p.detach() for p in module.side_params("text")]
+    args = (visual.detach(), text.detach(), vp, tp, hv, ht, fusing, 1e-5, True)
+    _, _, saved = torch.ops.fastprompt.cmpa_fwd_cuda(*args)
+    assert _cuda_kernels(lambda: torch.ops.fastprompt.cmpa_fwd_cuda(*args)) == 1
+    assert _cuda_kernels(lambda: torch.ops.fastprompt.cmpa_bwd_cuda(
+        torch.ones(7, 4, dv, device=dev), torch.ones(7, 6, dt, device=dev), *args[:4], saved, hv, ht, fusing, 1e-5,
+        True)) == 1
+
+
 def _cuda_kernels(fn) -> int:
     """CUDA kernels launched by fn, counted by the profiler."""
     fn()  # compile first
