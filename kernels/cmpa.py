@@ -191,10 +191,16 @@ def _pool_side(x_ptr, sm, sb, sd, xbar_ptr, idx_ptr, M, NB, D, pid,
                 acc += tl.sum(x, 0)
             else:
                 x = tl.where(msk, x, float("-inf"))
-                chunk_max = tl.max(x, 0)
-                # the first index of the chunk's maximum; a later chunk wins only if strictly larger
+                # torch.max semantics: a NaN is the maximum (the first NaN's index), else the first index of
+                # the largest value; a later chunk wins only if strictly larger, or NaN over a number
+                nan = x != x
+                has_nan = tl.max(nan.to(tl.int32), 0) > 0
+                first_nan = tl.min(tl.where(nan, bs[:, None], 2147483647), 0)
+                chunk_max = tl.max(tl.where(nan, float("-inf"), x), 0)
                 chunk_idx = tl.min(tl.where(x == chunk_max[None, :], bs[:, None], 2147483647), 0)
-                take = chunk_max > acc
+                chunk_idx = tl.where(has_nan, first_nan, chunk_idx)
+                chunk_max = tl.where(has_nan, float("nan"), chunk_max)
+                take = (chunk_max > acc) | (has_nan & (acc == acc))
                 best = tl.where(take, chunk_idx, best)
                 acc = tl.where(take, chunk_max, acc)
         if FUSING == 0:
