@@ -3,7 +3,8 @@
 #   make train  the main job: `fastprompt train` on its built-in default (DCP on the built-in shapes)
 #   make test   the test suite, Triton kernels under the interpreter on a CPU machine (what CI runs); where
 #               nvcc exists it first builds the CUDA extension for sm_90 (`make ext`) and the tests then
-#               require it to load and register its ops
+#               require it to load and register its ops; where g++ exists a second run puts the CUDA C++
+#               kernels through the op tests on the CPU emulator (FASTPROMPT_CUDA_EMULATE=1, tests/cuda_emulator/)
 # and besides: make demo (the ops on every backend against float64), make bench, make info,
 # make ext (fastprompt._C in place, EXT_ARCH="9.0" by default), make wheels (dist/: a pure wheel and one with
 # the extension, versioned 0.1.0+cu<cuda>torch<major.minor>, for WHEEL_ARCH="8.0;9.0+PTX").
@@ -13,6 +14,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fastprompt-installed
 NVCC := $(shell command -v nvcc 2>/dev/null)
+GXX := $(shell command -v g++ 2>/dev/null)
 EXT_ARCH ?= 9.0
 WHEEL_ARCH ?= 8.0;9.0+PTX
 
@@ -36,6 +38,8 @@ ext: $(STAMP)
 
 test: $(STAMP) $(if $(NVCC),ext)
 	$(if $(NVCC),FASTPROMPT_EXPECT_CUDA_EXTENSION=1) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+	$(if $(GXX),FASTPROMPT_CUDA_EMULATE=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/test_insert.py \
+	  tests/test_dafe.py tests/test_cmpa.py tests/test_cuda_emulator.py -k "cuda or emulator")
 	$(BIN)/python -m pytest -q benches --benchmark-disable
 
 # Two wheels in dist/ (tools/build_wheels.sh): a pure one, and one with fastprompt._C tied to the torch in $(VENV)

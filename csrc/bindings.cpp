@@ -6,6 +6,10 @@
 // autograd Function drives them all), their inputs are checked with messages a user understands, their outputs
 // allocated, and every CUDA error turned into a Python error. Fake (meta) implementations are registered from
 // Python (fastprompt/cuda_ops.py).
+//
+// With FASTPROMPT_CUDA_EMULATOR defined, the same file builds the CPU emulation of the tests (tests/cuda_emulator/,
+// FASTPROMPT_CUDA_EMULATE=1): no CUDA headers or runtime, the ops registered for CPU tensors, which the emulator's
+// scheduler runs the unchanged kernels on.
 
 #include <Python.h>
 
@@ -13,8 +17,10 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros_like.h>
+#ifndef FASTPROMPT_CUDA_EMULATOR
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 #include <cuda_runtime_api.h>
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
@@ -44,8 +50,12 @@ int64_t cmpa_launches() { return cmpa_launch_count.load(); }
 // What the extension was built against; fastprompt/_extension.py compares it with the running torch and
 // refuses a mismatched build with both versions in the message.
 std::string cuda_build_info() {
+#ifdef FASTPROMPT_CUDA_EMULATOR
+  return std::string("torch=") + TORCH_VERSION + ";cuda=emulator";
+#else
   return std::string("torch=") + TORCH_VERSION + ";cuda=" + std::to_string(CUDART_VERSION / 1000) + "." +
          std::to_string((CUDART_VERSION % 1000) / 10);
+#endif
 }
 
 DType dtype_of(const char* op, const at::Tensor& t) {
@@ -66,10 +76,18 @@ void check_input(const char* op, const char* name, const at::Tensor& t, const at
               like.scalar_type(), " (mixed dtypes)");
 }
 
+#ifdef FASTPROMPT_CUDA_EMULATOR
+// the emulator runs the kernels on the CPU: its "device memory" is CPU tensors
+void require_cuda(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cpu(), op, ": the emulated cuda backend (FASTPROMPT_CUDA_EMULATE=1) takes CPU tensors, got ",
+              "tensors on ", t.device());
+}
+#else
 void require_cuda(const char* op, const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda(), op, ": the cuda backend takes CUDA tensors, got tensors on ", t.device(),
               " (use backend='reference', or 'triton' with TRITON_INTERPRET=1, on the CPU)");
 }
+#endif
 
 void require_nonempty(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.numel() > 0, op, ": ", name, " is empty (shape ", t.sizes(), ")");
@@ -84,7 +102,15 @@ void check(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
 }
 
+#ifdef FASTPROMPT_CUDA_EMULATOR
+cudaStream_t stream_of(const at::Tensor&) { return nullptr; }
+struct DeviceGuard {  // one emulated device
+  explicit DeviceGuard(at::Device) {}
+};
+#else
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+#endif
 
 void strides3(const at::Tensor& t, int64_t* out) {
   for (int i = 0; i < 3; ++i) out[i] = t.stride(i);
@@ -150,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, Tensors> insert_fwd(const at::Tensor& x, cons
   const char* op = "fastprompt::insert_prompts_fwd_cuda";
   const InsertArgs a = insert_args(op, x, prompts, start, starts, ln_weight, ln_bias, eps, mode);
   require_cuda(op, x);
-  c10::cuda::CUDAGuard guard(x.device());
+  DeviceGuard guard(x.device());
   at::Tensor y = at::empty({a.n, a.l_out, a.d}, x.options());
   at::Tensor y_ln = a.has_ln ? at::empty({a.n, a.l_out, a.d}, x.options()) : at::empty({0}, x.options());
   Tensors saved;
@@ -203,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, Tensors> insert_bwd(const std::optional<at::T
     b.rstd = saved[1].data_ptr<float>();
   }
   require_cuda(op, x);
-  c10::cuda::CUDAGuard guard(x.device());
+  DeviceGuard guard(x.device());
   const int64_t rows = a.n * a.l_out;
   b.grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, 4 * sm_count(x))));
   at::Tensor dx = at::empty({a.n, a.l, a.d}, x.options());
@@ -285,7 +311,7 @@ std::tuple<at::Tensor, Tensors> dafe_fwd(const at::Tensor& prev, const at::Tenso
   const char* op = "fastprompt::dafe_fwd_cuda";
   const DafeArgs a = dafe_args(op, prev, task, params, gate, eps);
   require_cuda(op, prev);
-  c10::cuda::CUDAGuard guard(prev.device());
+  DeviceGuard guard(prev.device());
   at::Tensor out = at::empty({a.n, a.m, a.d}, prev.options());
   DafeForward o{out.data_ptr(), nullptr, nullptr, nullptr};
   Tensors saved;
@@ -324,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor, Tensors> dafe_bwd(const at::Tensor& grad_out,
     b.z = saved[0].data_ptr<float>(); b.mean = saved[1].data_ptr<float>(); b.rstd = saved[2].data_ptr<float>();
   }
   require_cuda(op, prev);
-  c10::cuda::CUDAGuard guard(prev.device());
+  DeviceGuard guard(prev.device());
   b.grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, 4 * sm_count(prev))));
   at::Tensor dprev = at::empty({a.n, a.m, d}, prev.options());
   at::Tensor dtask_rows = a.shared ? at::empty({a.n, a.m, d}, f32) : at::empty({a.n, a.m, d}, task.options());
@@ -412,7 +438,7 @@ std::tuple<at::Tensor, at::Tensor, Tensors> cmpa_fwd(const at::Tensor& visual, c
   CmpaArgs a = cmpa_args(op, visual, text, visual_params, text_params, n_head_visual, n_head_text, fusing, eps,
                          compute_text, keep);
   require_cuda(op, visual);
-  c10::cuda::CUDAGuard guard(visual.device());
+  DeviceGuard guard(visual.device());
   const auto f32 = visual.options().dtype(at::kFloat);
   auto& v = a.side[0];
   auto& t = a.side[1];
@@ -470,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor, Tensors, Tensors> cmpa_bwd(
     strides3(g, a.side[s].sg);
   }
   require_cuda(op, visual);
-  c10::cuda::CUDAGuard guard(visual.device());
+  DeviceGuard guard(visual.device());
   v.ws = saved[0].data_ptr<float>(); t.ws = saved[1].data_ptr<float>();
   v.idx = saved[2].numel() ? saved[2].data_ptr<int32_t>() : nullptr;
   t.idx = saved[3].numel() ? saved[3].data_ptr<int32_t>() : nullptr;
@@ -520,6 +546,7 @@ TORCH_LIBRARY_FRAGMENT(fastprompt, m) {
         "str fusing, float eps, bool compute_text) -> (Tensor, Tensor, Tensor[], Tensor[])");
 }
 
+#ifndef FASTPROMPT_CUDA_EMULATOR
 TORCH_LIBRARY_IMPL(fastprompt, CUDA, m) {
   m.impl("insert_prompts_fwd_cuda", &fastprompt::insert_fwd);
   m.impl("insert_prompts_bwd_cuda", &fastprompt::insert_bwd);
@@ -529,9 +556,12 @@ TORCH_LIBRARY_IMPL(fastprompt, CUDA, m) {
   m.impl("cmpa_bwd_cuda", &fastprompt::cmpa_bwd);
 }
 
+#endif
+
 // On CPU tensors the same functions run their checks, so a caller learns what is wrong with the inputs (or that
 // they must be CUDA tensors) instead of the dispatcher's "could not run ... with arguments from the CPU backend".
-// Nothing past the checks runs there: require_cuda comes before any allocation or CUDA call.
+// Nothing past the checks runs there: require_cuda comes before any allocation or CUDA call. Under the emulator
+// these are the ops proper: require_cuda takes CPU tensors, and the kernels run on them.
 TORCH_LIBRARY_IMPL(fastprompt, CPU, m) {
   m.impl("insert_prompts_fwd_cuda", &fastprompt::insert_fwd);
   m.impl("insert_prompts_bwd_cuda", &fastprompt::insert_bwd);

@@ -799,10 +799,7 @@ cudaError_t launch(const CmpaArgs& a, cudaStream_t stream, int* launches) {
                                                                    kThreads, 0));
   const int blocks = sms * (per_sm > 2 ? 2 : per_sm);  // every block resident: the grid-wide sync needs it
   if (cooperative && blocks > 0) {
-    CmpaArgs copy = a;
-    void* params[] = {&copy};
-    const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(cmpa_cooperative<T, Forward>),
-                                                        dim3(blocks), dim3(kThreads), params, 0, stream);
+    const cudaError_t err = launch_cooperative_kernel(cmpa_cooperative<T, Forward>, blocks, kThreads, stream, a);
     if (err == cudaSuccess) {
       *launches = 1;
       return cudaSuccess;
@@ -813,8 +810,7 @@ cudaError_t launch(const CmpaArgs& a, cudaStream_t stream, int* launches) {
   const int stages = Forward ? kForwardStages : kBackwardStages;
   const int grid = sms > 0 ? 4 * sms : 256;
   for (int stage = 0; stage < stages; ++stage) {
-    cmpa_one_stage<T, Forward><<<grid, kThreads, 0, stream>>>(a, stage);
-    FP_LAUNCH_CHECK();
+    FP_RETURN_IF_ERROR(launch_kernel(cmpa_one_stage<T, Forward>, grid, kThreads, stream, a, stage));
   }
   *launches = stages;
   return cudaSuccess;

@@ -63,6 +63,41 @@ inline cudaError_t dispatch_dtype(DType dtype, F&& body) {
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
+// Every kernel launch goes through these two helpers rather than <<<>>>, so that the CPU emulator of the tests
+// (tests/cuda_emulator/, which compiles these files as C++ with FASTPROMPT_CUDA_EMULATOR defined) runs the same
+// launch sites on its own scheduler. The arguments are converted to the kernel's parameter types at the call
+// (they are not deduced), as with <<<>>>. Both return the launch's own error (a bad configuration).
+template <typename T>
+struct NonDeduced {
+  using type = T;
+};
+
+template <typename... Params>
+inline cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+                                 typename NonDeduced<Params>::type... args) {
+#ifdef FASTPROMPT_CUDA_EMULATOR
+  (void)stream;  // one emulated stream: launches run to completion, in order
+  return cuda_emulator::launch(kernel, grid, block, /*cooperative=*/false, args...);
+#else
+  kernel<<<grid, block, 0, stream>>>(args...);
+  return cudaGetLastError();
+#endif
+}
+
+// A cooperative launch: every block resident at once, so that the kernel may sync the whole grid. Fails with
+// cudaErrorCooperativeLaunchTooLarge when the device cannot hold the grid.
+template <typename... Params>
+inline cudaError_t launch_cooperative_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+                                             typename NonDeduced<Params>::type... args) {
+#ifdef FASTPROMPT_CUDA_EMULATOR
+  (void)stream;
+  return cuda_emulator::launch(kernel, grid, block, /*cooperative=*/true, args...);
+#else
+  void* params[] = {static_cast<void*>(&args)..., nullptr};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), grid, block, params, 0, stream);
+#endif
+}
+
 }  // namespace fastprompt
 
 #define FP_RETURN_IF_ERROR(expr)              \
@@ -70,6 +105,3 @@ inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) 
     cudaError_t fp_err_ = (expr);              \
     if (fp_err_ != cudaSuccess) return fp_err_; \
   } while (0)
-
-// after a launch: the launch's own error (bad configuration) is returned at once
-#define FP_LAUNCH_CHECK() FP_RETURN_IF_ERROR(cudaGetLastError())

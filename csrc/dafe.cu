@@ -339,19 +339,17 @@ cudaError_t dafe_forward(const DafeArgs& a, const DafeForward& o, cudaStream_t s
   if (rows == 0) return cudaSuccess;  // nothing to write, and a zero-size grid is a launch error
   const Rows rp = rows_of(a, a.sp), rt = rows_of(a, a.st);
   if (a.gate != Gate::Scalar) {
-    dafe_stats_kernel<<<blocks_for(rows * 32, kRowThreads), kRowThreads, 0, stream>>>(a.prev, rp, rows, a.eps,
-                                                                                      o.mean, o.rstd, a.dtype);
-    FP_LAUNCH_CHECK();
+    FP_RETURN_IF_ERROR(launch_kernel(dafe_stats_kernel, blocks_for(rows * 32, kRowThreads), kRowThreads, stream,
+                                     a.prev, rp, rows, a.eps, o.mean, o.rstd, a.dtype));
   }
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (a.gate == Gate::Channel) {
       const dim3 grid(ceil_div(rows, kTile), ceil_div(a.d, kTile)), block(kTile, kTile);
-      dafe_channel_forward<T><<<grid, block, 0, stream>>>(a, rp, rt, o);
-    } else {
-      dafe_rowwise_forward<T><<<blocks_for(rows * 32, kRowThreads), kRowThreads, 0, stream>>>(a, rp, rt, o);
+      return launch_kernel(dafe_channel_forward<T>, grid, block, stream, a, rp, rt, o);
     }
-    return cudaGetLastError();
+    return launch_kernel(dafe_rowwise_forward<T>, blocks_for(rows * 32, kRowThreads), kRowThreads, stream, a, rp, rt,
+                         o);
   });
 }
 
@@ -361,31 +359,24 @@ cudaError_t dafe_backward(const DafeArgs& a, const DafeBackward& b, cudaStream_t
   return dispatch_dtype(a.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     if (a.gate == Gate::Channel) {
-      dafe_dz<T><<<blocks_for(rows * d, kRowThreads), kRowThreads, 0, stream>>>(a, rp, rt, ro, b);
-      FP_LAUNCH_CHECK();
+      FP_RETURN_IF_ERROR(
+          launch_kernel(dafe_dz<T>, blocks_for(rows * d, kRowThreads), kRowThreads, stream, a, rp, rt, ro, b));
       const dim3 block(kTile, kTile);
-      if (rows > 0) {  // no rows: dh and dtask are empty (a zero-size grid is a launch error)
-        dafe_channel_dx<T><<<dim3(ceil_div(rows, kTile), ceil_div(d, kTile)), block, 0, stream>>>(a, rt, ro, b);
-        FP_LAUNCH_CHECK();
-      }
-      dafe_channel_ln<T><<<b.grid, kRowThreads, 0, stream>>>(a, rp, ro, b);
-      FP_LAUNCH_CHECK();
-      dafe_channel_dw<T><<<dim3(ceil_div(d, kTile), ceil_div(d, kTile)), block, 0, stream>>>(a, rp, rt, b);
-      FP_LAUNCH_CHECK();
-      column_sums<T><<<blocks_for(d, kRowThreads), kRowThreads, 0, stream>>>(b.work, rows, d,
-                                                                          static_cast<T*>(b.d_b_prev));
-      FP_LAUNCH_CHECK();
+      if (rows > 0)  // no rows: dh and dtask are empty (a zero-size grid is a launch error)
+        FP_RETURN_IF_ERROR(launch_kernel(dafe_channel_dx<T>, dim3(ceil_div(rows, kTile), ceil_div(d, kTile)), block,
+                                         stream, a, rt, ro, b));
+      FP_RETURN_IF_ERROR(launch_kernel(dafe_channel_ln<T>, b.grid, kRowThreads, stream, a, rp, ro, b));
+      FP_RETURN_IF_ERROR(launch_kernel(dafe_channel_dw<T>, dim3(ceil_div(d, kTile), ceil_div(d, kTile)), block,
+                                       stream, a, rp, rt, b));
+      FP_RETURN_IF_ERROR(launch_kernel(column_sums<T>, blocks_for(d, kRowThreads), kRowThreads, stream, b.work, rows,
+                                       d, static_cast<T*>(b.d_b_prev)));
       FP_RETURN_IF_ERROR(sum_rows(a.dtype, b.part, b.grid, d, b.d_ln_w, stream));
       return sum_rows(a.dtype, b.part + b.grid * d, b.grid, d, b.d_ln_b, stream);
     }
-    dafe_rowwise_backward<T><<<b.grid, kRowThreads, 0, stream>>>(a, rp, rt, ro, b);
-    FP_LAUNCH_CHECK();
-    if (a.gate == Gate::Token) {
-      token_param_grads<T><<<blocks_for(d, kRowThreads), kRowThreads, 0, stream>>>(b.part, b.grid, d, b);
-    } else {
-      scalar_alpha_grad<T><<<1, 1, 0, stream>>>(b.part, b.grid, d, a.alpha, b.d_alpha);
-    }
-    return cudaGetLastError();
+    FP_RETURN_IF_ERROR(launch_kernel(dafe_rowwise_backward<T>, b.grid, kRowThreads, stream, a, rp, rt, ro, b));
+    if (a.gate == Gate::Token)
+      return launch_kernel(token_param_grads<T>, blocks_for(d, kRowThreads), kRowThreads, stream, b.part, b.grid, d, b);
+    return launch_kernel(scalar_alpha_grad<T>, 1, 1, stream, b.part, b.grid, d, a.alpha, b.d_alpha);
   });
 }
 

@@ -141,16 +141,14 @@ cudaError_t insert_prompts_forward(const InsertArgs& a, const InsertForward& out
   if (rows == 0) return cudaSuccess;
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    insert_forward_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(a, out);
-    return cudaGetLastError();
+    return launch_kernel(insert_forward_kernel<T>, static_cast<unsigned>(rows), kThreads, stream, a, out);
   });
 }
 
 cudaError_t insert_prompts_backward(const InsertArgs& a, const InsertBackward& b, cudaStream_t stream) {
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    insert_backward_kernel<T><<<b.grid, kThreads, 0, stream>>>(a, b);
-    return cudaGetLastError();
+    return launch_kernel(insert_backward_kernel<T>, b.grid, kThreads, stream, a, b);
   });
 }
 
@@ -158,8 +156,8 @@ cudaError_t sum_rows(DType dtype, const float* part, int64_t rows, int64_t cols,
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int blocks = ceil_div(cols, 256) < 1024 ? ceil_div(cols, 256) : 1024;
-    sum_rows_kernel<T><<<blocks > 0 ? blocks : 1, 256, 0, stream>>>(part, rows, cols, static_cast<T*>(out));
-    return cudaGetLastError();
+    return launch_kernel(sum_rows_kernel<T>, blocks > 0 ? blocks : 1, 256, stream, part, rows, cols,
+                         static_cast<T*>(out));
   });
 }
 

@@ -7,17 +7,26 @@ with both versions in the message, instead of crashing later.
 In a source checkout without a build, FASTPROMPT_JIT_BUILD=1 compiles csrc/ on first use with
 torch.utils.cpp_extension.load (cached under TORCH_EXTENSIONS_DIR, rebuilt when a source changes) and
 loads it as an op library: the same ops, no install step.
+
+FASTPROMPT_CUDA_EMULATE=1 (read at import; a testing tool of a source checkout, as TRITON_INTERPRET=1 is for the
+Triton kernels) loads instead the CPU emulation of csrc/ that tests/cuda_emulator/ builds with the host compiler:
+the same kernels and bindings, run on CPU tensors by a scheduler that emulates the GPU's threads and barriers.
+fastprompt._C is then never imported (both register the same op names).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import subprocess
 from typing import Optional
 
 import torch
 
 JIT_ENV = "FASTPROMPT_JIT_BUILD"
+EMULATE_ENV = "FASTPROMPT_CUDA_EMULATE"
+_EMULATED = os.environ.get(EMULATE_ENV, "0") == "1"
 _HOW_TO_BUILD = ("build it with `FASTPROMPT_BUILD_CUDA=1 pip install --no-build-isolation -e .` "
                  f"(needs nvcc), set {JIT_ENV}=1 in a source checkout to compile it on first use, "
                  "or install a fastprompt wheel built for this torch and CUDA")
@@ -27,8 +36,15 @@ def _major_minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
+def emulated() -> bool:
+    """Whether the cuda backend is the CPU emulator (FASTPROMPT_CUDA_EMULATE=1 when fastprompt was imported)."""
+    return _EMULATED
+
+
 def load() -> Optional[str]:
     """Import fastprompt._C; return None on success, else why the cuda backend is unavailable."""
+    if _EMULATED:
+        return _load_emulator()
     try:
         importlib.import_module("fastprompt._C")
     except ImportError as exc:
@@ -82,6 +98,25 @@ def _jit_build() -> Optional[str]:
                            verbose=os.environ.get("FASTPROMPT_JIT_VERBOSE", "0") == "1")
     except (RuntimeError, OSError, ImportError) as exc:
         return f"the JIT build of csrc/ failed ({str(exc)[-500:]}): {_HOW_TO_BUILD}"
+    return None
+
+
+def _load_emulator() -> Optional[str]:
+    """Build (cached) and load the emulated op library of this source checkout; None on success, else why not."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "tests", "cuda_emulator", "build.py")
+    if not os.path.exists(path):
+        return (f"{EMULATE_ENV}=1 needs a source checkout: the CUDA emulator is a testing tool in tests/cuda_emulator/ "
+                f"beside the package, and there is none in {root}")
+    spec = importlib.util.spec_from_file_location("fastprompt_cuda_emulator_build", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        module.load(verbose=os.environ.get("FASTPROMPT_JIT_VERBOSE", "0") == "1")
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as exc:
+        return f"{EMULATE_ENV}=1 but the emulated build of csrc/ failed ({str(exc)[-1000:]})"
+    if build_info().get("cuda") != "emulator":
+        return f"{EMULATE_ENV}=1 but the loaded op library is not the emulator's ({build_info()})"
     return None
 
 

@@ -4,14 +4,16 @@ Every op has one implementation per backend:
 
   reference  pure PyTorch, any device, the specification (fastprompt.reference)
   triton     Triton kernels (fastprompt.kernels): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
-  cuda       the compiled extension fastprompt._C: CUDA tensors
+  cuda       the compiled extension fastprompt._C: CUDA tensors; CPU tensors under FASTPROMPT_CUDA_EMULATE=1
+             (the kernels on a CPU emulator of the GPU, tests only)
 
 A call picks its backend from, most specific first: the call's `backend=` argument, the module's
 `backend` attribute, the innermost `with fastprompt.backend(...)` block, `fastprompt.set_backend(...)`,
 the FASTPROMPT_BACKEND environment variable (read at import). "auto" at any of these levels means "no
 preference here" and defers to the next one; when nothing is pinned, `auto` takes the first backend of
 `AUTO_ORDER` that can serve the inputs. On CPU tensors that is always `reference`: the Triton
-interpreter is a debugging and testing tool, never a fast path, so `auto` does not pick it.
+interpreter and the CUDA emulator are debugging and testing tools, never a fast path, so `auto` does not
+pick them.
 
 A backend that is asked for and cannot serve the inputs raises `BackendUnavailableError` saying why.
 There is no silent fallback.
@@ -159,6 +161,13 @@ def device_unavailable_reason(backend: str, device: torch.device) -> Optional[st
             return "the tensors are on the CPU: Triton needs CUDA tensors, or TRITON_INTERPRET=1 set before import"
         return f"Triton does not run on {device.type} tensors"
     if backend == "cuda":
+        from . import _extension
+
+        if _extension.emulated():
+            if device.type == "cpu":
+                return None
+            return (f"the tensors are on {device.type}: under {_extension.EMULATE_ENV}=1 the cuda backend is the "
+                    "CPU emulator, which takes CPU tensors")
         if device.type != "cuda":
             return f"the tensors are on {device.type}: the cuda backend needs CUDA tensors"
         return None

@@ -3,21 +3,29 @@
 import pytest
 import torch
 
-from fastprompt import backends
+from fastprompt import _extension, backends
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 BACKENDS = list(backends.BACKENDS)
 LOW_PRECISION = [torch.float16, torch.bfloat16]
+# FASTPROMPT_CUDA_EMULATE=1 (read at import): the cuda backend is the CPU emulator of tests/cuda_emulator/
+CUDA_EMULATED = _extension.emulated()
+# for the cases that need the cuda backend to be unavailable on CPU tensors
+NOT_EMULATED = pytest.mark.skipif(CUDA_EMULATED, reason="FASTPROMPT_CUDA_EMULATE=1 runs the cuda backend on the CPU")
 
 
 def require_backend(op: str, backend: str, device: str, dtype: torch.dtype = torch.float32) -> torch.device:
     """Skip (with the backend's own reason) what cannot run here: a GPU-only backend or device on a
-    machine without one, a backend not built, or bf16 under the Triton interpreter (which mishandles it)."""
+    machine without one, a backend not built, or bf16 under the Triton interpreter (which mishandles it).
+    The cuda backend under the emulator runs on CPU tensors in every dtype (its fp16 / bf16 are exact software
+    conversions); there a failed emulated build fails the test instead of skipping it."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     dev = torch.device(device)
     reason = backends.unavailable_reason(op, backend, dev)
     if reason is not None:
+        if backend == "cuda" and CUDA_EMULATED and dev.type == "cpu":
+            pytest.fail(f"FASTPROMPT_CUDA_EMULATE=1 but the emulated cuda backend is unavailable: {reason}")
         pytest.skip(f"{backend} backend unavailable: {reason}")
     if backend == "triton" and dev.type == "cpu" and dtype != torch.float32:
         pytest.skip("the Triton interpreter is tested in fp32 only (it mishandles bf16); low precision runs on a GPU")

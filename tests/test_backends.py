@@ -11,6 +11,7 @@ import torch
 import fastprompt
 from fastprompt import backends
 
+from .helpers import NOT_EMULATED
 from .test_cmpa import make_module
 
 
@@ -29,6 +30,7 @@ def test_auto_picks_the_reference_on_cpu_tensors():
     assert impl.backend == "reference"
 
 
+@NOT_EMULATED  # these use the cuda backend as the one that cannot serve CPU tensors
 def test_cuda_cannot_serve_cpu_tensors_and_says_why():
     module = make_module(24, 3, 40, 5, backend="cuda")
     with pytest.raises(fastprompt.BackendUnavailableError, match="backend 'cuda' cannot run cmpa here: ") as err:
@@ -47,6 +49,7 @@ def test_triton_cannot_serve_cpu_tensors_without_the_interpreter():
     assert "TRITON_INTERPRET=1" in out.stdout
 
 
+@NOT_EMULATED
 def test_context_manager_applies_inside_the_block_only():
     module = make_module(24, 3, 40, 5)
     with fastprompt.backend("cuda"):
@@ -59,6 +62,7 @@ def test_context_manager_applies_inside_the_block_only():
     module(*_inputs())
 
 
+@NOT_EMULATED
 def test_module_and_call_arguments_beat_the_context_manager():
     module = make_module(24, 3, 40, 5, backend="reference")
     with fastprompt.backend("cuda"):
@@ -69,6 +73,7 @@ def test_module_and_call_arguments_beat_the_context_manager():
             fastprompt.insert_prompts(x, p, 1)  # "auto" defers to the context
 
 
+@NOT_EMULATED
 def test_set_backend_is_process_wide_and_resets_to_the_environment():
     module = make_module(24, 3, 40, 5)
     fastprompt.set_backend("cuda")
@@ -96,6 +101,7 @@ def _python(code: str, **env):
                           env={**os.environ, **env}, timeout=300)
 
 
+@NOT_EMULATED
 def test_environment_variable_selects_the_backend():
     code = ("import torch, fastprompt\n"
             "x, p = torch.randn(2, 5, 8), torch.randn(2, 8)\n"
@@ -107,6 +113,7 @@ def test_environment_variable_selects_the_backend():
     assert bad.returncode != 0 and "FASTPROMPT_BACKEND='turbo' is not one of" in bad.stderr
 
 
+@NOT_EMULATED
 def test_available_backends_lists_what_runs_here():
     cpu = fastprompt.available_backends(device="cpu")
     assert "reference" in cpu and "cuda" not in cpu

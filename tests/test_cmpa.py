@@ -11,7 +11,8 @@ from fastprompt.ops import CMPASideParams, cross_modal_prompt_attention
 from fastprompt.testing import assert_close, poisoned_outputs
 
 from . import naive
-from .helpers import BACKENDS, DEVICES, LOW_PRECISION, TritonLaunchCounter, grads_of, leaf, require_backend
+from .helpers import (BACKENDS, CUDA_EMULATED, DEVICES, LOW_PRECISION, NOT_EMULATED, TritonLaunchCounter, grads_of,
+                      leaf, require_backend)
 
 # (Dv, Hv, Dt, Ht): widths that are not powers of two, head widths 8, 3, 12, 20
 WIDTHS = [(24, 3, 40, 5), (24, 8, 96, 8), (96, 8, 40, 2)]
@@ -196,6 +197,42 @@ def test_cuda_one_launch_each_way(widths, fusing):
         True)) == 1
 
 
+@pytest.mark.parametrize("widths", [(24, 3, 40, 5), (768, 12, 512, 8)], ids=["small", "vit-b16"])
+@pytest.mark.parametrize("fusing", FUSINGS)
+@pytest.mark.parametrize("cooperative", [True, False], ids=["cooperative", "per-stage"])
+def test_cuda_emulated_launches_each_way(monkeypatch, widths, fusing, cooperative):
+    """The CPU twin of test_cuda_one_launch_each_way, under FASTPROMPT_CUDA_EMULATE=1: one cooperative launch
+    each way on the emulated device, and on a device without cooperative launches (the emulator's
+    FASTPROMPT_CUDA_EMULATE_COOPERATIVE=0) the per-stage fallback, 9 launches forward and 13 backward; counted by
+    the extension and by the emulator's scheduler, and both paths' numbers checked against float64."""
+    if not CUDA_EMULATED:
+        pytest.skip("needs FASTPROMPT_CUDA_EMULATE=1 (on a GPU: test_cuda_one_launch_each_way)")
+    require_backend("cmpa", "cuda", "cpu")
+    from fastprompt.ops import cuda_impls
+
+    monkeypatch.setenv("FASTPROMPT_CUDA_EMULATE_COOPERATIVE", "1" if cooperative else "0")
+    dv, hv, dt, ht = widths
+    module = make_module(dv, hv, dt, ht, fusing, seed=17, backend="cuda")
+    visual, text = leaf(torch.randn(7, 4, dv)), leaf(torch.randn(7, 6, dt))
+    upstream = [torch.randn(7, 4, dv), torch.randn(7, 6, dt)]
+
+    def counts():
+        return cuda_impls.launches(), torch.ops.cuda_emulator.kernel_launches()
+
+    before = counts()
+    with poisoned_outputs():
+        new_v, new_t = module(visual, text)
+    middle = counts()
+    params = dict(module.named_parameters())
+    grads = grads_of([new_v, new_t], [visual, text] + list(params.values()), upstream)
+    after = counts()
+    expected = (1, 1) if cooperative else (9, 13)
+    assert (middle[0] - before[0], after[0] - middle[0]) == expected, "launches reported by the extension"
+    assert (middle[1] - before[1], after[1] - middle[1]) == expected, "launches run by the emulator"
+    assert_matches((new_v, new_t), dict(zip(["visual", "text"] + list(params), grads)),
+                   *run_naive(module, visual, text, (hv, ht), upstream))
+
+
 def _cuda_kernels(fn) -> int:
     """CUDA kernels launched by fn, counted by the profiler."""
     fn()  # compile first
@@ -204,6 +241,25 @@ def _cuda_kernels(fn) -> int:
         fn()
         torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b", [4, 37], ids=["one-chunk", "several-chunks"])
+def test_max_pooling_propagates_nan_as_torch_max(backend, b):
+    """torch.max (the original module's pooling) returns the first NaN of a column as its maximum: the outputs
+    turn NaN where the naive float64 ones do, and the gradient goes to that NaN's row, not another one."""
+    dev = require_backend("cmpa", backend, "cpu")
+    module = make_module(24, 3, 40, 5, "max", seed=5, backend=backend)
+    visual, text = torch.randn(3, b, 24), torch.randn(3, 6, 40)
+    visual[1, 2, 5] = visual[1, b - 1, 5] = visual[2, b - 1, 7] = float("nan")
+    outs, grads = run_module(module, visual, text)
+    ref_outs, ref_grads = run_naive(module, visual, text, (3, 5))
+    for got, ref in zip(outs, ref_outs):
+        assert torch.equal(got.isnan(), ref.isnan())
+    for name in ("visual", "text"):
+        assert torch.equal(grads[name].isnan(), ref_grads[name].isnan()), name
+        assert torch.equal(grads[name] != 0, ref_grads[name] != 0), name
+    assert dev.type == "cpu"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -460,8 +516,8 @@ def _call(visual, text, **kw):
     (torch.randn(3, 2, 24).bfloat16(), torch.randn(3, 2, 40).bfloat16(), {}, TypeError, "mixed dtypes"),
     (torch.randint(0, 5, (3, 2, 24)), torch.randn(3, 2, 40), {}, TypeError, "dtype torch.int64"),
     (torch.randn(3, 2, 24), torch.randn(3, 2, 40), {"backend": "fast"}, ValueError, "backend must be one of"),
-    (torch.randn(3, 2, 24), torch.randn(3, 2, 40), {"backend": "cuda"}, fastprompt.BackendUnavailableError,
-     "backend 'cuda' cannot run cmpa here"),
+    pytest.param(torch.randn(3, 2, 24), torch.randn(3, 2, 40), {"backend": "cuda"}, fastprompt.BackendUnavailableError,
+                 "backend 'cuda' cannot run cmpa here", marks=NOT_EMULATED),
 ])
 def test_bad_input_raises_a_clear_error(visual, text, kw, error, match):
     with pytest.raises(error, match=match):

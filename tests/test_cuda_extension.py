@@ -24,6 +24,11 @@ from .test_cmpa import make_module
 
 RAW_OPS = ["insert_prompts_fwd", "insert_prompts_bwd", "dafe_fwd", "dafe_bwd", "cmpa_fwd", "cmpa_bwd"]
 
+# Under FASTPROMPT_CUDA_EMULATE=1 the process holds the emulator's build of the ops (tests/cuda_emulator/), never
+# fastprompt._C: what this file checks is the real extension's loading, build info and CPU-tensor refusals.
+pytestmark = pytest.mark.skipif(_extension.emulated(), reason="FASTPROMPT_CUDA_EMULATE=1: the cuda ops are the "
+                                "CPU emulator's, not fastprompt._C (tests/test_cuda_emulator.py tests those)")
+
 
 @pytest.fixture(scope="module")
 def extension():

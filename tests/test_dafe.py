@@ -11,7 +11,7 @@ from fastprompt.ops import dafe_fusion
 from fastprompt.testing import assert_close, poisoned_outputs
 
 from . import naive
-from .helpers import BACKENDS, DEVICES, LOW_PRECISION, grads_of, leaf, require_backend
+from .helpers import BACKENDS, DEVICES, LOW_PRECISION, NOT_EMULATED, grads_of, leaf, require_backend
 
 GATES = ["channel", "token", "scalar"]
 
@@ -261,8 +261,8 @@ def _channel_params(d=24, k=None):
     (torch.randn(2, 3, 24).int(), torch.randn(3, 24), _channel_params(), TypeError, "dtype torch.int32"),
     (torch.randn(2, 3, 24), torch.randn(3, 24, device="meta"), _channel_params(), ValueError,
      "prev is on cpu and task is on meta"),
-    (torch.randn(2, 3, 24), torch.randn(3, 24), dict(_channel_params(), backend="cuda"),
-     fastprompt.BackendUnavailableError, "backend 'cuda' cannot run dafe here"),
+    pytest.param(torch.randn(2, 3, 24), torch.randn(3, 24), dict(_channel_params(), backend="cuda"),
+                 fastprompt.BackendUnavailableError, "backend 'cuda' cannot run dafe here", marks=NOT_EMULATED),
 ])
 def test_bad_input_raises_a_clear_error(prev, task, kw, error, match):
     with pytest.raises(error, match=match):

@@ -11,7 +11,7 @@ import fastprompt
 from fastprompt.testing import assert_close, poisoned_outputs
 
 from . import naive
-from .helpers import BACKENDS, DEVICES, LOW_PRECISION, grads_of, leaf, require_backend
+from .helpers import BACKENDS, DEVICES, LOW_PRECISION, NOT_EMULATED, grads_of, leaf, require_backend
 
 MODES = ["replace", "insert"]
 
@@ -253,7 +253,8 @@ X, P = torch.randn(3, 8, 24), torch.randn(2, 24)
     ((X, P, 0, torch.ones(24).half()), {}, TypeError, "mixed dtypes"),
     ((X.long(), P.long(), 0), {}, TypeError, "dtype torch.int64"),
     ((X, P.to("meta"), 0), {}, ValueError, "x is on cpu and prompts is on meta"),
-    ((X, P, 0), {"backend": "cuda"}, fastprompt.BackendUnavailableError, "backend 'cuda' cannot run insert_prompts"),
+    pytest.param((X, P, 0), {"backend": "cuda"}, fastprompt.BackendUnavailableError,
+                 "backend 'cuda' cannot run insert_prompts", marks=NOT_EMULATED),
 ])
 def test_bad_input_raises_a_clear_error(args, kw, error, match):
     with pytest.raises(error, match=match):
