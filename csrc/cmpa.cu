@@ -59,7 +59,7 @@ __host__ __device__ inline int64_t bwd_size(int64_t m, int64_t d, int64_t dother
 struct BwdSlots {
   float *dy, *dh, *dc, *dx1, *dout_attn, *dqkv, *da, *db, *dxbar_ln, *dother, *consts, *ds;
 };
-__device__ inline BwdSlots bwd_slots(float* b, int64_t m, int64_t d, int64_t f, int64_t dother) {
+__host__ __device__ inline BwdSlots bwd_slots(float* b, int64_t m, int64_t d, int64_t f, int64_t dother) {
   BwdSlots s;
   s.dy = b; s.dh = s.dy + m * d; s.dc = s.dh + m * f; s.dx1 = s.dc + m * d; s.dout_attn = s.dx1 + m * d;
   s.dqkv = s.dout_attn + m * d; s.da = s.dqkv + 3 * m * d; s.db = s.da + m * d; s.dxbar_ln = s.db + m * d;
@@ -68,7 +68,7 @@ __device__ inline BwdSlots bwd_slots(float* b, int64_t m, int64_t d, int64_t f, 
 }
 
 template <typename T>
-__device__ View<T> make_view(const CmpaArgs& a, int s) {
+__host__ __device__ View<T> make_view(const CmpaArgs& a, int s) {
   const CmpaSide& c = a.side[s];
   const CmpaSide& o = a.side[1 - s];
   View<T> v;
@@ -171,10 +171,10 @@ __device__ void row_stats(const float* x, int64_t d, float eps, float* mean_out,
 
 // ---- forward stages -------------------------------------------------------------------------------------
 template <typename T>
-__device__ void f_pool(const CmpaArgs& a, View<T>* v, int64_t tid, int64_t threads) {
+__device__ void f_pool(const CmpaArgs& a, const View<T>* v, int64_t tid, int64_t threads) {
   const int64_t items0 = a.m * v[0].d, total = items0 + a.m * v[1].d;
   for (int64_t i = tid; i < total; i += threads) {
-    View<T>& s = v[i < items0 ? 0 : 1];
+    const View<T>& s = v[i < items0 ? 0 : 1];
     const int64_t j = i < items0 ? i : i - items0;
     const int64_t m = j / s.d, d = j % s.d;
     const T* base = s.x + m * s.sx0 + d * s.sx2;
@@ -204,10 +204,10 @@ __device__ void f_pool(const CmpaArgs& a, View<T>* v, int64_t tid, int64_t threa
 }
 
 template <typename T>
-__device__ void f_proj(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t warps) {
+__device__ void f_proj(const CmpaArgs& a, const View<T>* v, int64_t warp, int64_t warps) {
   int64_t before = 0;
   for (int s = 0; s < 2; ++s) {
-    View<T>& x = v[s];
+    const View<T>& x = v[s];
     if (!x.active) continue;
     const float* src = x.other_bar;
     const int64_t k_dim = x.d_other;
@@ -222,10 +222,10 @@ __device__ void f_proj(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t warp
 }
 
 template <typename T>
-__device__ void f_ln1_stats(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t warps) {
+__device__ void f_ln1_stats(const CmpaArgs& a, const View<T>* v, int64_t warp, int64_t warps) {
   // rows: side 0 p rows, side 0 xbar rows, side 1 p rows, side 1 xbar rows
   for (int64_t r = warp; r < 4 * a.m; r += warps) {
-    View<T>& x = v[r / (2 * a.m)];
+    const View<T>& x = v[r / (2 * a.m)];
     const int64_t j = r % (2 * a.m);
     if (!x.active) continue;
     const bool query = j < a.m;
@@ -237,10 +237,10 @@ __device__ void f_ln1_stats(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t
 }
 
 template <typename T>
-__device__ void f_qkv(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t warps) {
+__device__ void f_qkv(const CmpaArgs& a, const View<T>* v, int64_t warp, int64_t warps) {
   int64_t before = 0;
   for (int s = 0; s < 2; ++s) {
-    View<T>& x = v[s];
+    const View<T>& x = v[s];
     if (!x.active) continue;
     const int64_t d = x.d, m_rows = a.m;
     const float *p = x.p, *xbar = x.xbar, *st = x.stats;
@@ -281,11 +281,11 @@ __device__ void f_qkv(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t warps
 
 // P_h = softmax(q_h k_hᵀ / √hd) and o_h = P_h v_h: a warp per (side, head, query row).
 template <typename T>
-__device__ void f_attention(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t warps) {
+__device__ void f_attention(const CmpaArgs& a, const View<T>* v, int64_t warp, int64_t warps) {
   const int lane = threadIdx.x & 31;
   const int64_t items0 = v[0].heads * a.m, total = items0 + (v[1].active ? v[1].heads * a.m : 0);
   for (int64_t item = warp; item < total; item += warps) {
-    View<T>& x = v[item < items0 ? 0 : 1];
+    const View<T>& x = v[item < items0 ? 0 : 1];
     const int64_t j = item < items0 ? item : item - items0;
     const int64_t h = j / a.m, i = j % a.m, d = x.d, hd = x.hd, M = a.m;
     const float scale = rsqrtf(static_cast<float>(hd));
@@ -319,10 +319,10 @@ __device__ void f_attention(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t
 }
 
 template <typename T>
-__device__ void f_out_proj(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t warps) {
+__device__ void f_out_proj(const CmpaArgs& a, const View<T>* v, int64_t warp, int64_t warps) {
   int64_t before = 0;
   for (int s = 0; s < 2; ++s) {
-    View<T>& x = v[s];
+    const View<T>& x = v[s];
     if (!x.active) continue;
     const int64_t d = x.d;
     const float *o = x.o, *xbar = x.xbar;
@@ -338,9 +338,9 @@ __device__ void f_out_proj(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t 
 }
 
 template <typename T>
-__device__ void f_ln2_stats(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t warps) {
+__device__ void f_ln2_stats(const CmpaArgs& a, const View<T>* v, int64_t warp, int64_t warps) {
   for (int64_t r = warp; r < 2 * a.m; r += warps) {
-    View<T>& x = v[r / a.m];
+    const View<T>& x = v[r / a.m];
     const int64_t m = r % a.m;
     if (!x.active) continue;
     row_stats(x.x1 + m * x.d, x.d, a.eps, x.stats + 4 * a.m + m, x.stats + 5 * a.m + m);
@@ -348,10 +348,10 @@ __device__ void f_ln2_stats(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t
 }
 
 template <typename T>
-__device__ void f_fc(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t warps) {
+__device__ void f_fc(const CmpaArgs& a, const View<T>* v, int64_t warp, int64_t warps) {
   int64_t before = 0;
   for (int s = 0; s < 2; ++s) {
-    View<T>& x = v[s];
+    const View<T>& x = v[s];
     if (!x.active) continue;
     const int64_t d = x.d, f = x.f, M = a.m;
     const float *x1 = x.x1, *mean = x.stats + 4 * M, *rstd = x.stats + 5 * M;
@@ -367,10 +367,10 @@ __device__ void f_fc(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t warps)
 }
 
 template <typename T>
-__device__ void f_cproj(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t warps) {
+__device__ void f_cproj(const CmpaArgs& a, const View<T>* v, int64_t warp, int64_t warps) {
   int64_t before = 0;
   for (int s = 0; s < 2; ++s) {
-    View<T>& x = v[s];
+    const View<T>& x = v[s];
     if (!x.active) continue;
     const int64_t d = x.d, f = x.f;
     const float *h = x.h, *x1 = x.x1;
@@ -388,7 +388,7 @@ __device__ void f_cproj(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t war
 // ---- backward stages ------------------------------------------------------------------------------------
 // Items of a stage are enumerated side by side: side 0's first, then side 1's (when it is active).
 template <typename T, typename Body>
-__device__ void for_items(View<T>* v, int64_t count0, int64_t count1, int64_t tid, int64_t threads, Body body) {
+__device__ void for_items(const View<T>* v, int64_t count0, int64_t count1, int64_t tid, int64_t threads, Body body) {
   const int64_t total = count0 + (v[1].active ? count1 : 0);
   for (int64_t i = tid; i < total; i += threads) {
     if (i < count0) body(v[0], i);
@@ -397,8 +397,8 @@ __device__ void for_items(View<T>* v, int64_t count0, int64_t count1, int64_t ti
 }
 
 template <typename T>
-__device__ void b_reduce_upstream(const CmpaArgs& a, View<T>* v, int64_t tid, int64_t threads) {
-  for_items(v, a.m * v[0].d, a.m * v[1].d, tid, threads, [&](View<T>& x, int64_t j) {
+__device__ void b_reduce_upstream(const CmpaArgs& a, const View<T>* v, int64_t tid, int64_t threads) {
+  for_items(v, a.m * v[0].d, a.m * v[1].d, tid, threads, [&](const View<T>& x, int64_t j) {
     const int64_t m = j / x.d, n = j % x.d;
     float acc = 0.f;
     if (x.g != nullptr)
@@ -409,10 +409,10 @@ __device__ void b_reduce_upstream(const CmpaArgs& a, View<T>* v, int64_t tid, in
 
 // dh = (dy W_c) g'(h) ; dW_c = dyᵀ g(h) ; db_c = sum_m dy
 template <typename T>
-__device__ void b_cproj(const CmpaArgs& a, View<T>* v, int64_t tid, int64_t threads) {
+__device__ void b_cproj(const CmpaArgs& a, const View<T>* v, int64_t tid, int64_t threads) {
   const int64_t M = a.m;
   auto count = [&](const View<T>& x) { return x.f + x.d * x.f + x.d; };
-  for_items(v, count(v[0]), count(v[1]), tid, threads, [&](View<T>& x, int64_t j) {
+  for_items(v, count(v[0]), count(v[1]), tid, threads, [&](const View<T>& x, int64_t j) {
     const int64_t d = x.d, f = x.f;
     if (j < f) {
       const float* dy = x.dy;
@@ -434,10 +434,10 @@ __device__ void b_cproj(const CmpaArgs& a, View<T>* v, int64_t tid, int64_t thre
 
 // dc = dh W_fc ; dW_fc = dhᵀ LN2(x1) ; db_fc = sum_m dh
 template <typename T>
-__device__ void b_fc(const CmpaArgs& a, View<T>* v, int64_t tid, int64_t threads) {
+__device__ void b_fc(const CmpaArgs& a, const View<T>* v, int64_t tid, int64_t threads) {
   const int64_t M = a.m;
   auto count = [&](const View<T>& x) { return x.d + x.f * x.d + x.f; };
-  for_items(v, count(v[0]), count(v[1]), tid, threads, [&](View<T>& x, int64_t j) {
+  for_items(v, count(v[0]), count(v[1]), tid, threads, [&](const View<T>& x, int64_t j) {
     const int64_t d = x.d, f = x.f;
     const float *mean = x.stats + 4 * M, *rstd = x.stats + 5 * M;
     if (j < d) {
@@ -481,10 +481,10 @@ __device__ void ln_consts(const float* dz, const float* x, float mean, float rst
 
 // consts layout: [c1_c, c2_c, c1_a, c2_a, c1_b, c2_b], M each
 template <typename T>
-__device__ void b_ln2_consts(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t warps) {
+__device__ void b_ln2_consts(const CmpaArgs& a, const View<T>* v, int64_t warp, int64_t warps) {
   const int64_t M = a.m;
   for (int64_t r = warp; r < 2 * M; r += warps) {
-    View<T>& x = v[r / M];
+    const View<T>& x = v[r / M];
     const int64_t m = r % M;
     if (!x.active) continue;
     ln_consts(x.dc + m * x.d, x.x1 + m * x.d, x.stats[4 * M + m], x.stats[5 * M + m], x.w[LN2W], x.d,
@@ -494,10 +494,10 @@ __device__ void b_ln2_consts(const CmpaArgs& a, View<T>* v, int64_t warp, int64_
 
 // dx1 = dy + rstd (dĉ − c2 − x̂ c1) ; dγ2 = sum_m dc x̂, dβ2 = sum_m dc
 template <typename T>
-__device__ void b_ln2(const CmpaArgs& a, View<T>* v, int64_t tid, int64_t threads) {
+__device__ void b_ln2(const CmpaArgs& a, const View<T>* v, int64_t tid, int64_t threads) {
   const int64_t M = a.m;
   auto count = [&](const View<T>& x) { return M * x.d + x.d; };
-  for_items(v, count(v[0]), count(v[1]), tid, threads, [&](View<T>& x, int64_t j) {
+  for_items(v, count(v[0]), count(v[1]), tid, threads, [&](const View<T>& x, int64_t j) {
     const int64_t d = x.d;
     const float *mean = x.stats + 4 * M, *rstd = x.stats + 5 * M;
     if (j < M * d) {
@@ -520,10 +520,10 @@ __device__ void b_ln2(const CmpaArgs& a, View<T>* v, int64_t tid, int64_t thread
 
 // do = dx1 W_o ; dW_o = dx1ᵀ o ; db_o = sum_m dx1
 template <typename T>
-__device__ void b_out_proj(const CmpaArgs& a, View<T>* v, int64_t tid, int64_t threads) {
+__device__ void b_out_proj(const CmpaArgs& a, const View<T>* v, int64_t tid, int64_t threads) {
   const int64_t M = a.m;
   auto count = [&](const View<T>& x) { return x.d + x.d * x.d + x.d; };
-  for_items(v, count(v[0]), count(v[1]), tid, threads, [&](View<T>& x, int64_t j) {
+  for_items(v, count(v[0]), count(v[1]), tid, threads, [&](const View<T>& x, int64_t j) {
     const int64_t d = x.d;
     if (j < d) {
       const float* dx1 = x.dx1;
@@ -545,11 +545,11 @@ __device__ void b_out_proj(const CmpaArgs& a, View<T>* v, int64_t tid, int64_t t
 
 // dS = P ⊙ (dP − rowsum(dP ⊙ P)) with dP = do vᵀ, and dq = dS k / √hd: a warp per (side, head, query row)
 template <typename T>
-__device__ void b_attention_rows(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t warps) {
+__device__ void b_attention_rows(const CmpaArgs& a, const View<T>* v, int64_t warp, int64_t warps) {
   const int lane = threadIdx.x & 31;
   const int64_t M = a.m, items0 = v[0].heads * M, total = items0 + (v[1].active ? v[1].heads * M : 0);
   for (int64_t item = warp; item < total; item += warps) {
-    View<T>& x = v[item < items0 ? 0 : 1];
+    const View<T>& x = v[item < items0 ? 0 : 1];
     const int64_t j = item < items0 ? item : item - items0;
     const int64_t h = j / M, i = j % M, d = x.d, hd = x.hd;
     const float scale = rsqrtf(static_cast<float>(hd));
@@ -577,11 +577,11 @@ __device__ void b_attention_rows(const CmpaArgs& a, View<T>* v, int64_t warp, in
 
 // dk = dSᵀ q, dv = Pᵀ do: a warp per (side, head, key row)
 template <typename T>
-__device__ void b_attention_keys(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t warps) {
+__device__ void b_attention_keys(const CmpaArgs& a, const View<T>* v, int64_t warp, int64_t warps) {
   const int lane = threadIdx.x & 31;
   const int64_t M = a.m, items0 = v[0].heads * M, total = items0 + (v[1].active ? v[1].heads * M : 0);
   for (int64_t item = warp; item < total; item += warps) {
-    View<T>& x = v[item < items0 ? 0 : 1];
+    const View<T>& x = v[item < items0 ? 0 : 1];
     const int64_t j = item < items0 ? item : item - items0;
     const int64_t h = j / M, key = j % M, d = x.d, hd = x.hd;
     for (int64_t c = lane; c < hd; c += 32) {
@@ -598,10 +598,10 @@ __device__ void b_attention_keys(const CmpaArgs& a, View<T>* v, int64_t warp, in
 
 // da = dq W_q ; db = dk W_k + dv W_v ; dW_in = [dqᵀ LN1(p) ; dkᵀ LN1(x̄) ; dvᵀ LN1(x̄)] ; db_in = sum_m dqkv
 template <typename T>
-__device__ void b_in_proj(const CmpaArgs& a, View<T>* v, int64_t tid, int64_t threads) {
+__device__ void b_in_proj(const CmpaArgs& a, const View<T>* v, int64_t tid, int64_t threads) {
   const int64_t M = a.m;
   auto count = [&](const View<T>& x) { return 2 * x.d + 3 * x.d * x.d + 3 * x.d; };
-  for_items(v, count(v[0]), count(v[1]), tid, threads, [&](View<T>& x, int64_t j) {
+  for_items(v, count(v[0]), count(v[1]), tid, threads, [&](const View<T>& x, int64_t j) {
     const int64_t d = x.d;
     const float* dqkv = x.dqkv;
     if (j < d) {
@@ -633,10 +633,10 @@ __device__ void b_in_proj(const CmpaArgs& a, View<T>* v, int64_t tid, int64_t th
 }
 
 template <typename T>
-__device__ void b_ln1_consts(const CmpaArgs& a, View<T>* v, int64_t warp, int64_t warps) {
+__device__ void b_ln1_consts(const CmpaArgs& a, const View<T>* v, int64_t warp, int64_t warps) {
   const int64_t M = a.m;
   for (int64_t r = warp; r < 4 * M; r += warps) {
-    View<T>& x = v[r / (2 * M)];
+    const View<T>& x = v[r / (2 * M)];
     const int64_t j = r % (2 * M);
     if (!x.active) continue;
     const bool query = j < M;
@@ -651,10 +651,10 @@ __device__ void b_ln1_consts(const CmpaArgs& a, View<T>* v, int64_t warp, int64_
 
 // dp = LN1_bwd(da; p) (into the dc slot), dx̄_ln = LN1_bwd(db; x̄) ; dγ1, dβ1 from both uses
 template <typename T>
-__device__ void b_ln1(const CmpaArgs& a, View<T>* v, int64_t tid, int64_t threads) {
+__device__ void b_ln1(const CmpaArgs& a, const View<T>* v, int64_t tid, int64_t threads) {
   const int64_t M = a.m;
   auto count = [&](const View<T>& x) { return 2 * M * x.d + x.d; };
-  for_items(v, count(v[0]), count(v[1]), tid, threads, [&](View<T>& x, int64_t j) {
+  for_items(v, count(v[0]), count(v[1]), tid, threads, [&](const View<T>& x, int64_t j) {
     const int64_t d = x.d;
     if (j < 2 * M * d) {
       const bool query = j < M * d;
@@ -682,10 +682,10 @@ __device__ void b_ln1(const CmpaArgs& a, View<T>* v, int64_t tid, int64_t thread
 
 // dŌ = dp W_p (to the other side's pooled rows) ; dW_p = dpᵀ Ō ; db_p = sum_m dp   (dp is in the dc slot)
 template <typename T>
-__device__ void b_proj(const CmpaArgs& a, View<T>* v, int64_t tid, int64_t threads) {
+__device__ void b_proj(const CmpaArgs& a, const View<T>* v, int64_t tid, int64_t threads) {
   const int64_t M = a.m;
   auto count = [&](const View<T>& x) { return x.d_other + x.d * x.d_other + x.d; };
-  for_items(v, count(v[0]), count(v[1]), tid, threads, [&](View<T>& x, int64_t j) {
+  for_items(v, count(v[0]), count(v[1]), tid, threads, [&](const View<T>& x, int64_t j) {
     const int64_t d = x.d, o = x.d_other;
     const float* dp = x.dc;
     if (j < o) {
@@ -707,12 +707,12 @@ __device__ void b_proj(const CmpaArgs& a, View<T>* v, int64_t tid, int64_t threa
 
 // dX[m, b, :] from dX̄ = dx1 + dX̄_ln (this side's own stages, when computed) + dŌ of the other side's projection
 template <typename T>
-__device__ void b_pool(const CmpaArgs& a, View<T>* v, int64_t tid, int64_t threads) {
+__device__ void b_pool(const CmpaArgs& a, const View<T>* v, int64_t tid, int64_t threads) {
   const int64_t M = a.m;
   const int64_t count0 = M * v[0].nb * v[0].d, total = count0 + M * v[1].nb * v[1].d;
   for (int64_t i = tid; i < total; i += threads) {
     const int s = i < count0 ? 0 : 1;
-    View<T>& x = v[s];
+    const View<T>& x = v[s];
     const int64_t e = i < count0 ? i : i - count0;
     const int64_t d = x.d, m = e / (x.nb * d), b = (e / d) % x.nb, k = e % d;
     float g = 0.f;
@@ -731,7 +731,7 @@ constexpr int kForwardStages = 9;
 constexpr int kBackwardStages = 13;
 
 template <typename T>
-__device__ void forward_stage(int stage, const CmpaArgs& a, View<T>* v) {
+__device__ void forward_stage(int stage, const CmpaArgs& a, const View<T>* v) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t warp = tid / 32, warps = threads / 32;
@@ -749,7 +749,7 @@ __device__ void forward_stage(int stage, const CmpaArgs& a, View<T>* v) {
 }
 
 template <typename T>
-__device__ void backward_stage(int stage, const CmpaArgs& a, View<T>* v) {
+__device__ void backward_stage(int stage, const CmpaArgs& a, const View<T>* v) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t warp = tid / 32, warps = threads / 32;
@@ -770,23 +770,31 @@ __device__ void backward_stage(int stage, const CmpaArgs& a, View<T>* v) {
   }
 }
 
+// The kernels' parameter: the arguments and both sides' views, built once on the host. The stages pick a view
+// with a side known only at run time (v[s]); a by-value parameter indexed that way is first copied into every
+// thread's local memory (1.1 KB a thread: ptxas reported a 1168-byte stack frame, some 75 MB of local-memory
+// traffic per launch on an H100-sized grid). `__grid_constant__` makes the threads read it in place instead.
+template <typename T>
+struct CmpaLaunch {
+  CmpaArgs a;
+  View<T> v[2];
+};
+
 template <typename T, bool Forward>
-__global__ void __launch_bounds__(kThreads) cmpa_cooperative(CmpaArgs a) {
-  View<T> v[2] = {make_view<T>(a, 0), make_view<T>(a, 1)};
+__global__ void __launch_bounds__(kThreads) cmpa_cooperative(const __grid_constant__ CmpaLaunch<T> p) {
   cg::grid_group grid = cg::this_grid();
   const int stages = Forward ? kForwardStages : kBackwardStages;
   for (int stage = 0; stage < stages; ++stage) {
-    if (Forward) forward_stage(stage, a, v);
-    else backward_stage(stage, a, v);
+    if (Forward) forward_stage(stage, p.a, p.v);
+    else backward_stage(stage, p.a, p.v);
     if (stage + 1 < stages) grid.sync();  // the next stage reads what every block wrote
   }
 }
 
 template <typename T, bool Forward>
-__global__ void __launch_bounds__(kThreads) cmpa_one_stage(CmpaArgs a, int stage) {
-  View<T> v[2] = {make_view<T>(a, 0), make_view<T>(a, 1)};
-  if (Forward) forward_stage(stage, a, v);
-  else backward_stage(stage, a, v);
+__global__ void __launch_bounds__(kThreads) cmpa_one_stage(const __grid_constant__ CmpaLaunch<T> p, int stage) {
+  if (Forward) forward_stage(stage, p.a, p.v);
+  else backward_stage(stage, p.a, p.v);
 }
 
 template <typename T, bool Forward>
@@ -798,8 +806,9 @@ cudaError_t launch(const CmpaArgs& a, cudaStream_t stream, int* launches) {
   FP_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, cmpa_cooperative<T, Forward>,
                                                                    kThreads, 0));
   const int blocks = sms * (per_sm > 2 ? 2 : per_sm);  // every block resident: the grid-wide sync needs it
+  const CmpaLaunch<T> p{a, {make_view<T>(a, 0), make_view<T>(a, 1)}};
   if (cooperative && blocks > 0) {
-    const cudaError_t err = launch_cooperative_kernel(cmpa_cooperative<T, Forward>, blocks, kThreads, stream, a);
+    const cudaError_t err = launch_cooperative_kernel(cmpa_cooperative<T, Forward>, blocks, kThreads, stream, p);
     if (err == cudaSuccess) {
       *launches = 1;
       return cudaSuccess;
@@ -810,7 +819,7 @@ cudaError_t launch(const CmpaArgs& a, cudaStream_t stream, int* launches) {
   const int stages = Forward ? kForwardStages : kBackwardStages;
   const int grid = sms > 0 ? 4 * sms : 256;
   for (int stage = 0; stage < stages; ++stage) {
-    FP_RETURN_IF_ERROR(launch_kernel(cmpa_one_stage<T, Forward>, grid, kThreads, stream, a, stage));
+    FP_RETURN_IF_ERROR(launch_kernel(cmpa_one_stage<T, Forward>, grid, kThreads, stream, p, stage));
   }
   *launches = stages;
   return cudaSuccess;

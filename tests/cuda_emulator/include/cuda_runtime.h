@@ -29,6 +29,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __grid_constant__  // kernel parameters are ordinary copies here
 
 // `__shared__ float s[32];` becomes `cuda_emulator::SharedDeclaration fp_emu_shared_N; static float s[32];`. A
 // static local is one copy for the whole program: right while one block runs at a time (ordinary launches),
