@@ -779,6 +779,7 @@ struct CmpaLaunch {
   CmpaArgs a;
   View<T> v[2];
 };
+static_assert(sizeof(CmpaLaunch<float>) <= 4096, "kernel parameters are limited to 4 KB before CUDA 12.1 / Volta");
 
 template <typename T, bool Forward>
 __global__ void __launch_bounds__(kThreads) cmpa_cooperative(const __grid_constant__ CmpaLaunch<T> p) {
