@@ -5,19 +5,22 @@ import open_clip
 import pytest
 import torch
 
-from fastprompt.clip import ClipBackbone, Slot, create_clip, tokenize_templates
+from fastprompt.clip import ClipBackbone, Slot, UnsupportedModelError, create_clip, tokenize_templates
 
 
 def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("name", ["fastprompt-tiny", "ViT-B-16"])
+# the configurations DESIGN.md names (random weights: the layout is what matters, not the values); ViT-L-14
+# takes 10 to 30 s on 2 cores (its initialisation and two 24-block forwards), hence `slow`, which CI still runs
+@pytest.mark.parametrize("name", ["fastprompt-tiny", "ViT-B-32", "ViT-B-16",
+                                  pytest.param("ViT-L-14", marks=pytest.mark.slow)])
 def test_towers_without_prompts_equal_open_clip(name):
     model = create_clip(name)
     backbone = ClipBackbone(model)
     size = model.visual.image_size[0]
-    images = torch.randn(2, 3, size, size)
+    images = torch.randn(1, 3, size, size)
     tokens = open_clip.tokenize(["a photo of a dog.", "an airplane", "x"], context_length=backbone.context_length)
     with torch.no_grad():
         assert _rel(backbone.encode_image(images), model.encode_image(images)) < 1e-5
@@ -34,6 +37,31 @@ def test_custom_text_clip_is_driven_too():
         assert _rel(backbone.encode_text(tokens), model.encode_text(tokens)) < 1e-5
         images = torch.randn(1, 3, 32, 32)
         assert _rel(backbone.encode_image(images), model.encode_image(images)) < 1e-5
+
+
+def _text_variant(**text_cfg):
+    return open_clip.model.CLIP(32, dict(image_size=32, patch_size=8, width=48, head_width=16, layers=1),
+                                dict(context_length=77, vocab_size=49408, width=40, heads=5, layers=1, **text_cfg))
+
+
+def test_a_text_tower_that_is_not_causal_is_refused():
+    with pytest.raises(UnsupportedModelError, match="the text tower is not causal"):
+        ClipBackbone(_text_variant(no_causal_mask=True))
+
+
+@pytest.mark.parametrize("pool", ["first", "last"])
+def test_a_text_tower_not_pooled_at_eot_is_refused(pool):
+    with pytest.raises(UnsupportedModelError, match=f"pools by '{pool}'; only EOT pooling"):
+        ClipBackbone(_text_variant(pool_type=pool))
+
+
+def test_eos_pooling_is_driven_like_open_clip():
+    # an end token that is not the largest id, so that pooling by argmax instead would pick another row
+    photo = open_clip.tokenizer._tokenizer.encode("photo")[0]
+    model = _text_variant(pool_type="eos", eos_id=photo).eval()
+    tokens = open_clip.tokenize(["a photo of a cat.", "x photo"])
+    with torch.no_grad():
+        assert _rel(ClipBackbone(model).encode_text(tokens), model.encode_text(tokens)) < 1e-5
 
 
 def test_the_frozen_clip_never_trains():
