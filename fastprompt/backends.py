@@ -35,7 +35,7 @@ import torch
 BACKENDS = ("reference", "triton", "cuda")
 AUTO = "auto"
 ENV_VAR = "FASTPROMPT_BACKEND"
-OPS = ("cmpa", "dafe", "insert_prompts")
+OPS = ("cmpa", "dafe", "insert_prompts", "insert_prompts_packed")
 
 # Order in which `auto` tries the backends on CUDA tensors, meant to be fastest first. The CUDA C++
 # kernels (one cooperative launch each way for CMPA) have so far only been compiled, never run on a GPU,

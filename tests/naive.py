@@ -102,3 +102,19 @@ def insert(x, prompts, start, ln_weight, ln_bias, eps, mode):
     if ln_weight is None and ln_bias is None:
         return y, None
     return y, layer_norm(y, ln_weight, ln_bias, eps)
+
+
+def insert_packed(x, prompts, cu_seqlens, start, ln_weight, ln_bias, eps):
+    """Packed sequences (T, D): each one cut out at its bounds, its rows replaced with torch.cat, packed again."""
+    m = prompts.shape[-2]
+    bounds = [int(c) for c in cu_seqlens]
+    pieces = []
+    for n in range(len(bounds) - 1):
+        seq = x[bounds[n]:bounds[n + 1]]
+        s = int(start[n]) if isinstance(start, torch.Tensor) else start
+        p = prompts if prompts.dim() == 2 else prompts[n]
+        pieces.append(torch.cat([seq[:s], p, seq[s + m:]]))
+    y = torch.cat(pieces)
+    if ln_weight is None and ln_bias is None:
+        return y, None
+    return y, layer_norm(y, ln_weight, ln_bias, eps)

@@ -3,7 +3,7 @@
 from ..reference.cmpa import CMPASideParams
 from .cmpa import CrossModalPromptAttentionFunction, cross_modal_prompt_attention
 from .dafe import DeepAdaptiveFeatureEnhancementFunction, dafe_fusion
-from .insert import InsertPromptsFunction, insert_prompts
+from .insert import InsertPromptsFunction, InsertPromptsPackedFunction, insert_prompts
 
 __all__ = [
     "CMPASideParams",
@@ -13,4 +13,5 @@ __all__ = [
     "CrossModalPromptAttentionFunction",
     "DeepAdaptiveFeatureEnhancementFunction",
     "InsertPromptsFunction",
+    "InsertPromptsPackedFunction",
 ]

@@ -8,3 +8,5 @@ _backends.register_impl("cmpa", "reference", cmpa.cmpa_fwd_reference, cmpa.cmpa_
 _backends.register_impl("dafe", "reference", dafe.dafe_fwd_reference, dafe.dafe_bwd_reference)
 _backends.register_impl("insert_prompts", "reference", insert.insert_prompts_fwd_reference,
                         insert.insert_prompts_bwd_reference)
+_backends.register_impl("insert_prompts_packed", "reference", insert.insert_prompts_packed_fwd_reference,
+                        insert.insert_prompts_packed_bwd_reference)

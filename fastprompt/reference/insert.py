@@ -6,6 +6,8 @@
   mode "replace": y = x with rows [s, s+M) set to the prompts          (N, L, D)
   mode "insert":  y = cat(x[:, :s], prompts, x[:, s:])                 (N, L+M, D)
   y_ln = LayerNorm(y; ln_weight, ln_bias, eps) when LayerNorm parameters are given
+Packed (mode "replace" only): x (T, D) holds N sequences, sequence n in rows [cu[n], cu[n+1]) of
+cu_seqlens (N+1,); rows cu[n] + s_n + [0, M) are replaced by the prompts. y and y_ln are (T, D).
 
 Backward: dy_total = dy + LN_bwd(dy_ln); the prompts get dy_total at their rows (summed over N when
 shared); x gets dy_total at the rows it landed on, and zero at the rows a replacement overwrote.
@@ -131,3 +133,80 @@ def insert_eager(x: Tensor, prompts: Tensor, start: int, ln_weight: Optional[Ten
     if ln_weight is None and ln_bias is None:
         return y, None
     return y, torch.nn.functional.layer_norm(y, (x.shape[-1],), ln_weight, ln_bias, eps)
+
+
+# ---- the packed variant ---------------------------------------------------------------------------------------
+# x (T, D) holds N sequences back to back, sequence n in rows [cu[n], cu[n+1]); the prompts replace rows
+# cu[n] + s_n + j, j < M, of each sequence (replace only: the length of every sequence is unchanged).
+
+def packed_prompt_rows(cu_seqlens: Tensor, start: int, starts: Optional[Tensor], m: int) -> Tensor:
+    """(N, M) int64: the packed row that prompt row j of sequence n lands on, cu[n] + s_n + j (no host sync)."""
+    first = cu_seqlens[:-1].to(torch.int64) + (starts if starts is not None else start)
+    return first[:, None] + torch.arange(m, device=cu_seqlens.device)
+
+
+def build_packed_stream(x: Tensor, prompts: Tensor, cu_seqlens: Tensor, start: int,
+                        starts: Optional[Tensor]) -> Tensor:
+    """y (T, D) in x's dtype: x with the prompt rows written over it."""
+    n, (m, d) = cu_seqlens.shape[0] - 1, prompts.shape[-2:]
+    rows = packed_prompt_rows(cu_seqlens, start, starts, m).reshape(-1)
+    y = empty(*x.shape, like=x).copy_(x)
+    return y.index_copy_(0, rows, prompts.expand(n, m, d).reshape(n * m, d).to(x.dtype))
+
+
+@torch.library.custom_op("fastprompt::insert_prompts_packed_fwd_reference", mutates_args=())
+def insert_prompts_packed_fwd_reference(x: Tensor, prompts: Tensor, cu_seqlens: Tensor, start: int,
+                                        starts: Optional[Tensor], ln_weight: Optional[Tensor],
+                                        ln_bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, list[Tensor]]:
+    y = build_packed_stream(x, prompts, cu_seqlens, start, starts)
+    if ln_weight is None and ln_bias is None:
+        return y, x.new_empty(0), []
+    with no_autocast(x.device):
+        cd = compute_dtype(x.dtype)
+        w = ln_weight.to(cd) if ln_weight is not None else None
+        b = ln_bias.to(cd) if ln_bias is not None else None
+        y_ln, _, _ = layer_norm_fwd(y.to(cd), w, b, eps)
+    return y, y_ln.to(x.dtype), []
+
+
+@insert_prompts_packed_fwd_reference.register_fake
+def _(x, prompts, cu_seqlens, start, starts, ln_weight, ln_bias, eps):
+    y_ln = x.new_empty(0) if ln_weight is None and ln_bias is None else x.new_empty(x.shape)
+    return x.new_empty(x.shape), y_ln, []
+
+
+@torch.library.custom_op("fastprompt::insert_prompts_packed_bwd_reference", mutates_args=())
+def insert_prompts_packed_bwd_reference(grad_y: Optional[Tensor], grad_y_ln: Optional[Tensor], x: Tensor,
+                                        prompts: Tensor, cu_seqlens: Tensor, start: int, starts: Optional[Tensor],
+                                        ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], saved: list[Tensor],
+                                        eps: float) -> tuple[Tensor, Tensor, list[Tensor]]:
+    n, (m, d) = cu_seqlens.shape[0] - 1, prompts.shape[-2:]
+    with no_autocast(x.device):
+        cd = compute_dtype(x.dtype)
+        dy = grad_y.to(cd) if grad_y is not None else x.new_zeros(x.shape, dtype=cd)
+        ln_grads = []
+        if ln_weight is not None or ln_bias is not None:
+            y = build_packed_stream(x, prompts, cu_seqlens, start, starts).to(cd)
+            w = ln_weight.to(cd) if ln_weight is not None else None
+            _, mean, rstd = layer_norm_fwd(y, w, None, eps)
+            if grad_y_ln is not None:
+                dy_from_ln, dw, db = layer_norm_bwd(grad_y_ln.to(cd), y, mean, rstd, w)
+                dy = dy + dy_from_ln
+            else:
+                dw = torch.zeros_like(w) if w is not None else None
+                db = x.new_zeros(d, dtype=cd)
+            ln_grads = [g.to(p.dtype) for g, p in ((dw, ln_weight), (db, ln_bias)) if p is not None]
+        rows = packed_prompt_rows(cu_seqlens, start, starts, m).reshape(-1)
+        dprompts = dy.index_select(0, rows).view(n, m, d)
+        if prompts.dim() == 2:
+            dprompts = dprompts.sum(0)
+        # the rows the prompts overwrote never reach y
+        dx = dy.clone(memory_format=torch.contiguous_format).index_fill_(0, rows, 0.0)
+    return dx.to(x.dtype), dprompts.to(prompts.dtype), ln_grads
+
+
+@insert_prompts_packed_bwd_reference.register_fake
+def _(grad_y, grad_y_ln, x, prompts, cu_seqlens, start, starts, ln_weight, ln_bias, saved, eps):
+    ln_grads = [torch.empty_like(p) for p in (ln_weight, ln_bias) if p is not None]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(prompts, memory_format=torch.contiguous_format), ln_grads)
