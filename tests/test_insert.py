@@ -132,7 +132,7 @@ def test_non_contiguous_inputs(backend, mode):
     x = torch.randn(9, 4, 24).transpose(0, 1)          # (N=4, L=9, D) with L-major storage
     prompts = torch.randn(4, 3, 48)[:, :, ::2]          # per-sample prompts, stride 2 in the last dim
     ln_w, ln_b = torch.randn(48)[::2], torch.randn(24)
-    start = torch.tensor([0, 2, 5, 6])[[3, 2, 1, 0]]   # a gathered (but contiguous) start tensor
+    start = torch.tensor([6, 9, 5, 9, 2, 9, 0, 9])[::2]  # a strided start tensor: 6, 5, 2, 0
     l_out = 12 if mode == "insert" else 9
     upstream = [torch.randn(4, l_out, 24), torch.randn(4, l_out, 24).transpose(1, 2).contiguous().transpose(1, 2)]
     with poisoned_outputs():
@@ -379,7 +379,7 @@ def test_packed_non_contiguous_inputs(backend):
     prompts = torch.randn(3, 2, 48)[:, :, ::2]           # per-sample prompts, stride 2 in the last dim
     ln_w, ln_b = torch.randn(48)[::2], torch.randn(24)
     cu = torch.tensor([0, 9, 3, 9, 8, 9, 14, 9])[::2]     # a strided cu_seqlens: 0, 3, 8, 14
-    start = torch.tensor([9, 1, 0, 3])[[2, 3, 1]]         # a gathered start tensor: 0, 3, 1
+    start = torch.tensor([0, 9, 3, 9, 1, 9])[::2]         # a strided start tensor: 0, 3, 1
     upstream = [torch.randn(14, 24), torch.randn(24, 14).t()]
     with poisoned_outputs():
         outs, grads = run_packed(fastprompt_packed(backend), x, prompts, cu, start, ln_w, ln_b, upstream)

@@ -101,7 +101,7 @@ def _check_start(start, n: int, length: int, m: int, mode: str, device: torch.de
         lo_val, hi_val = int(start.min()), int(start.max())
         if lo_val < 0 or hi_val > hi:
             raise ValueError(f"{OP}: start holds offsets from {lo_val} to {hi_val}, out of range: {rule}")
-    return 0, start.to(torch.int64)
+    return 0, start.to(torch.int64).contiguous()  # the kernels index it densely
 
 
 def insert_prompts(x: Tensor, prompts: Tensor, start: Union[int, Tensor], ln_weight: Optional[Tensor] = None,
@@ -228,7 +228,7 @@ def _insert_packed(x, prompts, start, ln_weight, ln_bias, eps, mode, cu_seqlens,
         starts = None
     else:
         start, starts = _check_start(start, n, total, 0, mode, device, check_range=False)
-    cu_seqlens = cu_seqlens.to(torch.int64)
+    cu_seqlens = cu_seqlens.to(torch.int64).contiguous()  # the kernels index it densely
     if check_values and not torch.compiler.is_compiling():
         _check_packed_values(cu_seqlens, start, starts, total, m)
     x, prompts, ln_weight, ln_bias = v.cast_floating([x, prompts, ln_weight, ln_bias], v.autocast_dtype(device))
