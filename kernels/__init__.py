@@ -7,5 +7,6 @@ tensors (slow, for tests).
 """
 
 from . import insert  # noqa: F401
+from . import insert_packed  # noqa: F401
 from . import dafe  # noqa: F401
 from . import cmpa  # noqa: F401

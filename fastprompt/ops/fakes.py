@@ -25,6 +25,19 @@ def insert_prompts_bwd(grad_y, grad_y_ln, x, prompts, start, starts, ln_weight, 
     return _contiguous_like(x), _contiguous_like(prompts), ln_grads
 
 
+def insert_prompts_packed_fwd(x, prompts, cu_seqlens, start, starts, ln_weight, ln_bias, eps):
+    if ln_weight is None and ln_bias is None:
+        return x.new_empty(x.shape), x.new_empty(0), []
+    stats = [x.new_empty(x.shape[0], dtype=torch.float32) for _ in range(2)]
+    return x.new_empty(x.shape), x.new_empty(x.shape), stats
+
+
+def insert_prompts_packed_bwd(grad_y, grad_y_ln, x, prompts, cu_seqlens, start, starts, ln_weight, ln_bias, saved,
+                              eps):
+    ln_grads = [torch.empty_like(p) for p in (ln_weight, ln_bias) if p is not None]
+    return _contiguous_like(x), _contiguous_like(prompts), ln_grads
+
+
 def dafe_fwd(prev, task, params, gate, eps):
     n, m, d = prev.shape
     out = prev.new_empty(n, m, d)
@@ -55,3 +68,4 @@ def cmpa_bwd(grad_visual_out, grad_text_out, visual, text, visual_params, text_p
              n_head_text, fusing, eps, compute_text):
     return (_contiguous_like(visual), _contiguous_like(text), [torch.empty_like(p) for p in visual_params],
             [torch.empty_like(p) if compute_text else p.new_empty(0) for p in text_params])
+
