@@ -122,15 +122,48 @@ def test_evaluation_computes_static_text_features_once(name):
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("name", ["coop", "cocoop", "tmml"])
-def test_text_only_methods_run_the_image_tower_without_autograd(name):
-    method = build(name)
+# configurations that prompt only the text: the public IVLP language-only config (no visual prompt at all)
+TEXT_ONLY = [("coop", {}), ("cocoop", {}), ("tmml", {}), ("ivlp", dict(n_ctx_text=4, n_ctx_vision=0, depth_vision=0)),
+             ("ivlp", dict(depth_vision=0))]
+
+
+@pytest.mark.parametrize("name,config", TEXT_ONLY, ids=[f"{n}-{i}" for i, (n, _) in enumerate(TEXT_ONLY)])
+def test_text_only_methods_run_the_image_tower_without_autograd(name, config):
+    method = build(name, **config)
     images, labels = batch()
     seen = []
     original = method.clip.image_features
     method.clip.image_features = lambda x: seen.append(torch.is_grad_enabled()) or original(x)
     method.loss(images, labels).backward()
     assert seen and not any(seen)
+
+
+# configurations that switch a side or a part off: each must hold only parameters that get a gradient (DDP
+# without find_unused_parameters rejects one that does not) and no empty tensor
+PARTS_OFF = [("ivlp", dict(n_ctx_text=4, n_ctx_vision=0, depth_vision=0)), ("ivlp", dict(n_ctx_vision=0)),
+             ("ivlp", dict(depth_text=1)), ("maple", dict(depth=1)), ("vpt_deep", dict(depth=1)),
+             ("map_dafe", dict(depth=1)), ("dcp", dict(couple_text=False)), ("dcp", dict(depth=1)),
+             ("dpt", dict(n_visual_tokens=0)), ("dpt", dict(bottom_limit=5)), ("dpt", dict(bottom_limit=1))]
+
+
+@pytest.mark.parametrize("name,config", PARTS_OFF, ids=[f"{n}-{i}" for i, (n, _) in enumerate(PARTS_OFF)])
+def test_configs_with_a_part_off_hold_no_unused_parameter(name, config):
+    method = build(name, **config)
+    images, labels = batch()
+    method.loss(images, labels).backward()
+    for n, p in method.named_parameters():
+        if p.requires_grad:
+            assert p.numel() > 0, f"{n} is an empty parameter"
+            assert p.grad is not None, f"{n} is never used"
+
+
+@pytest.mark.parametrize("name,config", [("ivlp", dict(depth_text=0)), ("ivlp", dict(n_ctx_text=0)),
+                                         ("ivlp", dict(n_ctx_vision=-1)), ("dcp", dict(depth=0)),
+                                         ("dcp", dict(n_ctx=0)), ("maple", dict(n_ctx=0)), ("vpt_deep", dict(n_ctx=0)),
+                                         ("coop", dict(n_ctx=0)), ("cocoop", dict(n_ctx=0, ctx_init=None))])
+def test_configs_that_would_leave_a_parameter_unused_are_refused(name, config):
+    with pytest.raises(ValueError, match=f"{name}: .*(at least|>= 1)"):
+        build(name, **config)
 
 
 def test_class_chunking_and_checkpointing_change_nothing():

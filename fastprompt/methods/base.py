@@ -162,3 +162,11 @@ def encode_prompted_image(clip, images: Tensor, shallow: Tensor, deep: dict, bac
 def check_depth(method: str, depth: int, layers: int, what: str) -> None:
     if not 0 <= depth <= layers:
         raise ValueError(f"{method}: {what} depth {depth} is out of range: this model's tower has {layers} blocks")
+
+
+def check_tokens(method: str, **counts: int) -> None:
+    """Prompt token counts must be at least 1: an empty prompt tensor would be a parameter that never gets a
+    gradient (DDP without find_unused_parameters rejects one)."""
+    for what, n in counts.items():
+        if n < 1:
+            raise ValueError(f"{method}: {what} must be at least 1, got {n}")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..clip import Slot, clean_classname
-from .base import PromptMethod
+from .base import PromptMethod, check_tokens
 from .text import TextPath, TextPrompts, context_init
 
 
@@ -31,6 +31,8 @@ class CoCoOp(PromptMethod):
                  checkpoint_text: bool = False, pack_text: bool = True, prefix_reuse: bool = True,
                  backend: str = "auto"):
         super().__init__(clip_model, classnames, backend)
+        if not ctx_init:
+            check_tokens(self.name, n_ctx=n_ctx)
         self.ctx, self.n_ctx = context_init(self.clip, n_ctx, ctx_init)
         vis_dim = self.clip.embed_dim
         self.meta_net = nn.Sequential(OrderedDict([

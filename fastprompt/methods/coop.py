@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..clip import Slot, clean_classname
-from .base import PromptMethod
+from .base import PromptMethod, check_tokens
 from .text import TextPath, TextPrompts, context_init  # noqa: F401  (TextPrompts, context_init: re-exported)
 
 POSITIONS = ("end", "middle", "front")
@@ -34,6 +34,8 @@ class CoOp(PromptMethod):
         super().__init__(clip_model, classnames, backend)
         if class_token_position not in POSITIONS:
             raise ValueError(f"coop: class_token_position must be one of {POSITIONS}, got {class_token_position!r}")
+        if not ctx_init:
+            check_tokens(self.name, n_ctx=n_ctx)
         n_cls = len(self.classnames)
         self.ctx, self.n_ctx = context_init(self.clip, n_ctx, ctx_init, (n_cls,) if class_specific else ())
         self.position = class_token_position

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..clip import Slot, apply_block, clean_classname
 from ..clip.backbone import IMAGE_SCOPE
 from ..modules import CrossModalPromptAttention
-from .base import PromptMethod, append_with_ln, check_depth, normal_init, replace_with_ln
+from .base import PromptMethod, append_with_ln, check_depth, check_tokens, normal_init, replace_with_ln
 from .text import TextPath, TextPrompts
 from .distributed import gather_rows
 from .maple import first_words_context
@@ -46,6 +46,9 @@ class DCP(PromptMethod):
             raise ValueError(f"dcp couples the towers layer by layer, but this model's image tower has "
                              f"{clip.vision_layers} blocks and its text tower {clip.text_layers}")
         check_depth(self.name, depth, clip.vision_layers - 1, "CMPA")
+        if depth < 1:  # no block would call CMPA: its parameters would never be trained
+            raise ValueError("dcp: depth must be at least 1 (CMPA couples the prompts before blocks 1..depth)")
+        check_tokens(self.name, n_ctx=n_ctx)
         self.n_ctx, self.depth, self.couple_text = n_ctx, depth, couple_text
         self.text_path = TextPath(None, checkpoint_text, pack_text, prefix_reuse)
         self.prompts_text, words = first_words_context(clip, n_ctx, ctx_init)

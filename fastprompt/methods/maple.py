@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..clip import Slot, clean_classname, tokenize_words
-from .base import PromptMethod, ReplaceRows, check_depth, encode_prompted_image, normal_init
+from .base import PromptMethod, ReplaceRows, check_depth, check_tokens, encode_prompted_image, normal_init
 from .text import TextPath, TextPrompts
 
 
@@ -54,6 +54,7 @@ class MaPLe(PromptMethod):
             check_depth(self.name, depth, layers, what)
         if depth < 1:
             raise ValueError("maple: depth must be at least 1")
+        check_tokens(self.name, n_ctx=n_ctx)
         self.depth, self.n_ctx = depth, n_ctx
         dt, dv = self.clip.text_width, self.clip.vision_width
         self.ctx, words = first_words_context(self.clip, n_ctx, ctx_init)

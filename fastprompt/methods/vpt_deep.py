@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..clip import clean_classname
-from .base import PromptMethod, check_depth, encode_prompted_image, normal_init
+from .base import PromptMethod, check_depth, check_tokens, encode_prompted_image, normal_init
 
 
 class VPTDeep(PromptMethod):
@@ -25,6 +25,7 @@ class VPTDeep(PromptMethod):
         check_depth(self.name, depth, self.clip.vision_layers, "vision")
         if depth < 1:
             raise ValueError("vpt_deep: depth must be at least 1 (block 0 receives the first prompts)")
+        check_tokens(self.name, n_ctx=n_ctx)
         self.depth, self.checkpoint_image = depth, checkpoint_image
         self.visual_prompts = normal_init((depth, n_ctx, self.clip.vision_width))
         tokens = open_clip.tokenize([template.format(clean_classname(c)) for c in self.classnames],
