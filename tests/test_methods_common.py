@@ -104,22 +104,31 @@ def test_reference_and_triton_backends_agree_on_the_whole_model(name):
         torch.testing.assert_close(grads_t[n] / scale, g / scale, rtol=0, atol=1e-4, msg=n)
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if not methods.method_class(n).text_depends_on_images
-                                  and hasattr(methods.method_class(n), "text_features")])
-def test_evaluation_computes_static_text_features_once(name):
-    method = build(name)
+# (method, config, the function that computes its static text side): DCP uncoupled computes its text features
+# and the text prompt rows its CMPA reads together
+STATIC_TEXT = [(n, {}, "text_features") for n in ALL if not methods.method_class(n).text_depends_on_images
+               and hasattr(methods.method_class(n), "text_features")] + [("dcp", dict(couple_text=False), "text_side")]
+
+
+@pytest.mark.parametrize("name,config,compute", STATIC_TEXT, ids=[f"{n}-{c}" for n, _, c in STATIC_TEXT])
+def test_evaluation_computes_static_text_features_once(name, config, compute):
+    method = build(name, **config)
     images, _ = batch()
     calls = []
-    original = method.text_features
-    method.text_features = lambda: calls.append(1) or original()
+    original = getattr(method, compute)
+    setattr(method, compute, lambda: calls.append(1) or original())
     method.eval()
     with torch.no_grad():
         first = method(images)
-        second = method(images[:2])
-    assert len(calls) == 1 and torch.equal(first[:2], second)
+        # DCP's CMPA pools over the batch: its logits depend on the batch, so it sees the same one again
+        second = method(images if name == "dcp" else images[:2])
+    assert len(calls) == 1 and torch.equal(first[:len(second)], second)
+    fresh = method(images)  # with autograd on nothing is cached: the text side is computed again
+    assert len(calls) == 2
+    torch.testing.assert_close(fresh.detach(), first, rtol=1e-5, atol=1e-6)
     method.train()
     method(images)
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 # configurations that prompt only the text: the public IVLP language-only config (no visual prompt at all)

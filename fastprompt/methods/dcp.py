@@ -7,6 +7,8 @@ stepped layer by layer together. One CMPA is shared by all layers by default.
 
 couple_text=True (default, the paper) writes CMPA's text output back into the text stream; couple_text=False
 reproduces the public code, which never does, and then the text half of CMPA is neither computed nor trained.
+Uncoupled, the text tower never reads the images: its features and the prompt rows CMPA reads from it at each
+block are computed apart from the image tower, once per evaluation like the other methods' static text.
 The visual pooling of CMPA mixes the images of a batch: under torch.distributed the visual prompt rows of all
 ranks are gathered before CMPA, so a DDP run equals a single-process run over the same global batch, and the
 logits depend on the evaluation batch (the harness logs its size).
@@ -50,6 +52,7 @@ class DCP(PromptMethod):
             raise ValueError("dcp: depth must be at least 1 (CMPA couples the prompts before blocks 1..depth)")
         check_tokens(self.name, n_ctx=n_ctx)
         self.n_ctx, self.depth, self.couple_text = n_ctx, depth, couple_text
+        self.text_depends_on_images = couple_text  # uncoupled, evaluation computes the text side once
         self.text_path = TextPath(None, checkpoint_text, pack_text, prefix_reuse)
         self.prompts_text, words = first_words_context(clip, n_ctx, ctx_init)
         self.prompts_visual = normal_init((n_ctx, clip.vision_width))
@@ -72,26 +75,46 @@ class DCP(PromptMethod):
     def cmpa_at(self, layer: int) -> CrossModalPromptAttention:
         return self.cmpa if self.parameter_sharing else self.cmpa[layer - 1]
 
+    def text_stream(self):
+        """The text tower over every class, with the text prompts written at layer 0, to step block by block."""
+        return self.prompts.stream(self.clip, self.prompts.write(self.prompts.embeddings, "ctx", self.prompts_text),
+                                   self.text_path)
+
+    def text_side(self) -> tuple[Tensor, dict]:
+        """couple_text=False: the text features (C, E) and the text prompt rows CMPA reads before each block
+        1..depth ({layer: rows}); neither depends on the images."""
+        text, rows = self.text_stream(), {}
+        for layer, tblock in enumerate(self.clip.text_blocks):
+            if 1 <= layer <= self.depth:
+                rows[layer] = text.rows(1, self.n_ctx)
+            text.step(tblock)
+        return text.features(), rows
+
     def towers(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Image features (B, E) and text features (C, E), the towers stepped together. With the shared prefix
         the text prompt rows are one row set (the same for every class): CMPA then pools over one text row
-        instead of C identical ones, which is the same result."""
+        instead of C identical ones, which is the same result. Uncoupled, the text side comes first (cached
+        in evaluation) and the image tower reads its rows."""
         clip, m = self.clip, self.n_ctx
         xv = append_with_ln(clip.image_tokens(images), self.prompts_visual, clip.ln_pre, self.backend)
-        text = self.prompts.stream(clip, self.prompts.write(self.prompts.embeddings, "ctx", self.prompts_text),
-                                   self.text_path)
+        if self.couple_text:
+            text = self.text_stream()
+        else:
+            text_features, text_rows = self.cached_text_features(self.text_side)
         for layer, (vblock, tblock) in enumerate(zip(clip.vision_blocks, clip.text_blocks)):
             xv_ln = None
             if 1 <= layer <= self.depth:
                 rows_v, local = gather_rows(xv[:, -m:])  # every rank's rows: the pooling sees the global batch
-                new_v, new_t = self.cmpa_at(layer)(rows_v, text.rows(1, m))
+                rows_t = text.rows(1, m) if self.couple_text else text_rows[layer]
+                new_v, new_t = self.cmpa_at(layer)(rows_v, rows_t)
                 xv, xv_ln = replace_with_ln(xv, new_v[local], None, vblock.ln_1, self.backend)
                 if self.couple_text:
                     text.replace(new_t, 1, tblock.ln_1, self.backend)
             with torch.profiler.record_function(IMAGE_SCOPE):
                 xv = apply_block(vblock, xv, x_ln=xv_ln)
-            text.step(tblock)
-        return clip.image_features(xv), text.features()
+            if self.couple_text:
+                text.step(tblock)
+        return clip.image_features(xv), text.features() if self.couple_text else text_features
 
     def logits_and_extras(self, images: Tensor):
         image_features, text_features = self.towers(images)
