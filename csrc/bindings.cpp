@@ -260,6 +260,140 @@ std::tuple<at::Tensor, at::Tensor, Tensors> insert_bwd(const std::optional<at::T
   return {dx, dprompts, ln_grads};
 }
 
+// ---- packed prompt insertion -------------------------------------------------------------------------------
+// cu_seqlens' values (0 first, T last, non-decreasing) and start_n + M <= length_n need the host: they are checked
+// in Python (fastprompt/ops/insert.py, one sync in eager mode); here the shapes, dtypes and devices.
+InsertPackedArgs insert_packed_args(const char* op, const at::Tensor& x, const at::Tensor& prompts,
+                                    const at::Tensor& cu_seqlens, int64_t start, const std::optional<at::Tensor>& starts,
+                                    const std::optional<at::Tensor>& ln_weight,
+                                    const std::optional<at::Tensor>& ln_bias, double eps) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (T, D) packed sequences, got ", x.sizes());
+  TORCH_CHECK(prompts.dim() == 2 || prompts.dim() == 3, op, ": prompts must be (M, D) or (N, M, D)");
+  check_input(op, "prompts", prompts, x);
+  require_nonempty(op, "x", x);
+  require_nonempty(op, "prompts", prompts);
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 2 && cu_seqlens.scalar_type() == at::kLong &&
+                  cu_seqlens.is_contiguous() && cu_seqlens.device() == x.device(),
+              op, ": cu_seqlens must be a contiguous int64 tensor (N + 1,), N >= 1, on the device of x, got ",
+              cu_seqlens.scalar_type(), " ", cu_seqlens.sizes(), " on ", cu_seqlens.device());
+  InsertPackedArgs a{};
+  a.dtype = dtype_of(op, x);
+  a.t = x.size(0); a.d = x.size(1); a.n = cu_seqlens.numel() - 1; a.m = prompts.size(-2);
+  TORCH_CHECK(prompts.size(-1) == a.d, op, ": prompts have width ", prompts.size(-1), " but x has ", a.d);
+  TORCH_CHECK(prompts.dim() == 2 || prompts.size(0) == a.n, op, ": per-sequence prompts must have N = ", a.n,
+              " rows (cu_seqlens holds N + 1 offsets), got ", prompts.size(0));
+  TORCH_CHECK(a.m <= a.t, op, ": ", a.m, " prompts do not fit in ", a.t, " tokens");
+  a.shared = prompts.dim() == 2;
+  a.x = x.data_ptr();
+  a.sx[0] = x.stride(0); a.sx[1] = x.stride(1);
+  a.prompts = prompts.data_ptr();
+  if (a.shared) {
+    a.sp[0] = 0; a.sp[1] = prompts.stride(0); a.sp[2] = prompts.stride(1);
+  } else {
+    strides3(prompts, a.sp);
+  }
+  a.cu = cu_seqlens.data_ptr<int64_t>();
+  a.start = start;
+  TORCH_CHECK(starts.has_value() || start >= 0, op, ": start=", start, " is out of range: start >= 0");
+  if (starts.has_value()) {
+    TORCH_CHECK(starts->device() == x.device() && starts->scalar_type() == at::kLong && starts->numel() == a.n &&
+                    starts->is_contiguous(),
+                op, ": starts must be a contiguous int64 tensor of N offsets on the device of x");
+    a.starts = starts->data_ptr<int64_t>();
+  }
+  for (const auto* p : {&ln_weight, &ln_bias})
+    if (p->has_value()) {
+      check_input(op, "a LayerNorm parameter", **p, x);
+      TORCH_CHECK((*p)->numel() == a.d && (*p)->is_contiguous(), op, ": LayerNorm parameters must be (D,)");
+    }
+  a.ln_w = ptr_or_null(ln_weight);
+  a.ln_b = ptr_or_null(ln_bias);
+  a.has_ln = ln_weight.has_value() || ln_bias.has_value();
+  a.eps = static_cast<float>(eps);
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor, Tensors> insert_packed_fwd(const at::Tensor& x, const at::Tensor& prompts,
+                                                              const at::Tensor& cu_seqlens, int64_t start,
+                                                              const std::optional<at::Tensor>& starts,
+                                                              const std::optional<at::Tensor>& ln_weight,
+                                                              const std::optional<at::Tensor>& ln_bias, double eps) {
+  const char* op = "fastprompt::insert_prompts_packed_fwd_cuda";
+  const InsertPackedArgs a = insert_packed_args(op, x, prompts, cu_seqlens, start, starts, ln_weight, ln_bias, eps);
+  require_cuda(op, x);
+  DeviceGuard guard(x.device());
+  at::Tensor y = at::empty({a.t, a.d}, x.options());
+  at::Tensor y_ln = a.has_ln ? at::empty({a.t, a.d}, x.options()) : at::empty({0}, x.options());
+  Tensors saved;
+  InsertForward out{y.data_ptr(), nullptr, nullptr, nullptr};
+  if (a.has_ln) {
+    saved = {at::empty({a.t}, x.options().dtype(at::kFloat)), at::empty({a.t}, x.options().dtype(at::kFloat))};
+    out.y_ln = y_ln.data_ptr();
+    out.mean = saved[0].data_ptr<float>();
+    out.rstd = saved[1].data_ptr<float>();
+  }
+  check(insert_prompts_packed_forward(a, out, stream_of(x)), op);
+  return {y, y_ln, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor, Tensors> insert_packed_bwd(
+    const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_y_ln, const at::Tensor& x,
+    const at::Tensor& prompts, const at::Tensor& cu_seqlens, int64_t start, const std::optional<at::Tensor>& starts,
+    const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, at::TensorList saved,
+    double eps) {
+  const char* op = "fastprompt::insert_prompts_packed_bwd_cuda";
+  const InsertPackedArgs a = insert_packed_args(op, x, prompts, cu_seqlens, start, starts, ln_weight, ln_bias, eps);
+  const bool has_dyln = grad_y_ln.has_value() && a.has_ln;
+  InsertBackward b{};
+  if (grad_y.has_value()) {
+    check_input(op, "grad_y", *grad_y, x);
+    check_shape(op, "grad_y", *grad_y, {a.t, a.d});
+    b.dy = grad_y->data_ptr();
+    b.sdy[0] = grad_y->stride(0); b.sdy[1] = grad_y->stride(1);
+  }
+  if (has_dyln) {
+    check_input(op, "grad_y_ln", *grad_y_ln, x);
+    check_shape(op, "grad_y_ln", *grad_y_ln, {a.t, a.d});
+    TORCH_CHECK(saved.size() == 2, op, ": the forward's statistics are missing");
+    for (const auto& t : saved)
+      TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == a.t && t.is_contiguous() && t.device() == x.device(),
+                  op, ": saved statistics must be the forward's fp32 (T,) mean and rstd");
+    b.dy_ln = grad_y_ln->data_ptr();
+    b.sdy_ln[0] = grad_y_ln->stride(0); b.sdy_ln[1] = grad_y_ln->stride(1);
+    b.mean = saved[0].data_ptr<float>();
+    b.rstd = saved[1].data_ptr<float>();
+  }
+  require_cuda(op, x);
+  DeviceGuard guard(x.device());
+  b.grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.t, 4 * sm_count(x))));
+  at::Tensor dx = at::empty({a.t, a.d}, x.options());
+  at::Tensor dp = a.shared ? at::empty({a.n, a.m, a.d}, x.options().dtype(at::kFloat))
+                           : at::empty({a.n, a.m, a.d}, prompts.options());
+  at::Tensor parts = has_dyln ? at::empty({2, b.grid, a.d}, x.options().dtype(at::kFloat)) : at::Tensor();
+  b.dx = dx.data_ptr();
+  b.dprompts = dp.data_ptr();
+  if (has_dyln) {
+    b.dw_part = parts[0].data_ptr<float>();
+    b.db_part = parts[1].data_ptr<float>();
+  }
+  const cudaStream_t stream = stream_of(x);
+  check(insert_prompts_packed_backward(a, b, stream), op);
+  at::Tensor dprompts = dp;
+  if (a.shared) {
+    dprompts = at::empty({a.m, a.d}, prompts.options());
+    check(sum_rows(a.dtype, dp.data_ptr<float>(), a.n, a.m * a.d, dprompts.data_ptr(), stream), op);
+  }
+  Tensors ln_grads;
+  for (int i = 0; i < 2; ++i) {
+    const auto& p = i == 0 ? ln_weight : ln_bias;
+    if (!p.has_value()) continue;
+    at::Tensor g = at::zeros_like(*p);
+    if (has_dyln) check(sum_rows(a.dtype, parts[i].data_ptr<float>(), b.grid, a.d, g.data_ptr(), stream), op);
+    ln_grads.push_back(g);
+  }
+  return {dx, dprompts, ln_grads};
+}
+
 // ---- DAFE ------------------------------------------------------------------------------------------------
 DafeArgs dafe_args(const char* op, const at::Tensor& prev, const at::Tensor& task, at::TensorList params,
                    c10::string_view gate, double eps) {
@@ -535,6 +669,11 @@ TORCH_LIBRARY_FRAGMENT(fastprompt, m) {
   m.def("insert_prompts_bwd_cuda(Tensor? grad_y, Tensor? grad_y_ln, Tensor x, Tensor prompts, int start, "
         "Tensor? starts, Tensor? ln_weight, Tensor? ln_bias, Tensor[] saved, float eps, str mode) "
         "-> (Tensor, Tensor, Tensor[])");
+  m.def("insert_prompts_packed_fwd_cuda(Tensor x, Tensor prompts, Tensor cu_seqlens, int start, Tensor? starts, "
+        "Tensor? ln_weight, Tensor? ln_bias, float eps) -> (Tensor, Tensor, Tensor[])");
+  m.def("insert_prompts_packed_bwd_cuda(Tensor? grad_y, Tensor? grad_y_ln, Tensor x, Tensor prompts, "
+        "Tensor cu_seqlens, int start, Tensor? starts, Tensor? ln_weight, Tensor? ln_bias, Tensor[] saved, "
+        "float eps) -> (Tensor, Tensor, Tensor[])");
   m.def("dafe_fwd_cuda(Tensor prev, Tensor task, Tensor[] params, str gate, float eps) -> (Tensor, Tensor[])");
   m.def("dafe_bwd_cuda(Tensor grad_out, Tensor prev, Tensor task, Tensor[] params, Tensor[] saved, str gate, "
         "float eps) -> (Tensor, Tensor, Tensor[])");
@@ -550,6 +689,8 @@ TORCH_LIBRARY_FRAGMENT(fastprompt, m) {
 TORCH_LIBRARY_IMPL(fastprompt, CUDA, m) {
   m.impl("insert_prompts_fwd_cuda", &fastprompt::insert_fwd);
   m.impl("insert_prompts_bwd_cuda", &fastprompt::insert_bwd);
+  m.impl("insert_prompts_packed_fwd_cuda", &fastprompt::insert_packed_fwd);
+  m.impl("insert_prompts_packed_bwd_cuda", &fastprompt::insert_packed_bwd);
   m.impl("dafe_fwd_cuda", &fastprompt::dafe_fwd);
   m.impl("dafe_bwd_cuda", &fastprompt::dafe_bwd);
   m.impl("cmpa_fwd_cuda", &fastprompt::cmpa_fwd);
@@ -565,6 +706,8 @@ TORCH_LIBRARY_IMPL(fastprompt, CUDA, m) {
 TORCH_LIBRARY_IMPL(fastprompt, CPU, m) {
   m.impl("insert_prompts_fwd_cuda", &fastprompt::insert_fwd);
   m.impl("insert_prompts_bwd_cuda", &fastprompt::insert_bwd);
+  m.impl("insert_prompts_packed_fwd_cuda", &fastprompt::insert_packed_fwd);
+  m.impl("insert_prompts_packed_bwd_cuda", &fastprompt::insert_packed_bwd);
   m.impl("dafe_fwd_cuda", &fastprompt::dafe_fwd);
   m.impl("dafe_bwd_cuda", &fastprompt::dafe_bwd);
   m.impl("cmpa_fwd_cuda", &fastprompt::cmpa_fwd);

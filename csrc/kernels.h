@@ -50,6 +50,28 @@ struct InsertBackward {
 
 cudaError_t insert_prompts_forward(const InsertArgs& a, const InsertForward& out, cudaStream_t stream);
 cudaError_t insert_prompts_backward(const InsertArgs& a, const InsertBackward& b, cudaStream_t stream);
+
+// The packed variant (mode replace): x (T, D) holds N sequences, sequence n in rows [cu[n], cu[n+1]); rows
+// cu[n] + s_n + [0, M) are replaced. It fills the same output structs, with y and y_ln (T, D), mean and rstd (T,),
+// dx (T, D), and the (row, column) strides of the packed gradients in sdy[0..1] and sdy_ln[0..1].
+struct InsertPackedArgs {
+  DType dtype;
+  int64_t t, n, m, d;
+  bool shared, has_ln;
+  const void* x;
+  int64_t sx[2];  // strides of x (T, D)
+  const void* prompts;
+  int64_t sp[3];       // strides of prompts as (N, M, D); sp[0] = 0 when shared
+  const int64_t* cu;   // cu_seqlens (N + 1,): 0 = cu[0] <= ... <= cu[N] = T, checked by the caller
+  int64_t start;
+  const int64_t* starts;  // per-sequence offsets (N,), or null; s_n + M <= cu[n+1] - cu[n], checked by the caller
+  const void* ln_w;       // nullable
+  const void* ln_b;       // nullable
+  float eps;
+};
+
+cudaError_t insert_prompts_packed_forward(const InsertPackedArgs& a, const InsertForward& out, cudaStream_t stream);
+cudaError_t insert_prompts_packed_backward(const InsertPackedArgs& a, const InsertBackward& b, cudaStream_t stream);
 // out[j] = Σ_g part[g, j] in fp32, cast to dtype (deterministic reduction of per-block partials)
 cudaError_t sum_rows(DType dtype, const float* part, int64_t rows, int64_t cols, void* out, cudaStream_t stream);
 

@@ -22,7 +22,8 @@ from fastprompt import _extension, backends, info
 
 from .test_cmpa import make_module
 
-RAW_OPS = ["insert_prompts_fwd", "insert_prompts_bwd", "dafe_fwd", "dafe_bwd", "cmpa_fwd", "cmpa_bwd"]
+RAW_OPS = ["insert_prompts_fwd", "insert_prompts_bwd", "insert_prompts_packed_fwd", "insert_prompts_packed_bwd",
+           "dafe_fwd", "dafe_bwd", "cmpa_fwd", "cmpa_bwd"]
 
 # Under FASTPROMPT_CUDA_EMULATE=1 the process holds the emulator's build of the ops (tests/cuda_emulator/), never
 # fastprompt._C: what this file checks is the real extension's loading, build info and CPU-tensor refusals.
@@ -184,6 +185,40 @@ def test_insert_backward_checks_the_gradient_shape(extension):
     with pytest.raises(RuntimeError, match=r"grad_y must have shape \[2, 10, 24\]"):
         extension.insert_prompts_bwd_cuda(torch.randn(2, 7, 24), None, x, p, 0, None, None, None, [], 1e-5, "insert")
 
+
+
+def _insert_packed_cases():
+    x, p, cu = torch.randn(9, 24), torch.randn(2, 24), torch.tensor([0, 4, 9])
+    w, b = torch.randn(24), torch.randn(24)
+    return [
+        ("valid, but on the CPU", (x, p, cu, 1, None, w, b, 1e-5), "the cuda backend takes CUDA tensors"),
+        ("3-D x", (x[None], p, cu, 1, None, None, None, 1e-5), r"x must be 2-D \(T, D\)"),
+        ("widths", (x, torch.randn(2, 25), cu, 1, None, None, None, 1e-5), "prompts have width 25"),
+        ("start", (x, p, cu, -1, None, None, None, 1e-5), "start=-1 is out of range"),
+        ("cu_seqlens dtype", (x, p, cu.int(), 0, None, None, None, 1e-5), "cu_seqlens must be a contiguous int64"),
+        ("cu_seqlens shape", (x, p, cu[:1], 0, None, None, None, 1e-5), r"cu_seqlens must be .* \(N \+ 1,\), N >= 1"),
+        ("strided cu_seqlens", (x, p, torch.tensor([0, 7, 4, 7, 9])[::2], 0, None, None, None, 1e-5),
+         "cu_seqlens must be a contiguous int64"),
+        ("mixed dtypes", (x, p.half(), cu, 0, None, None, None, 1e-5), "mixed dtypes"),
+        ("LayerNorm width", (x, p, cu, 0, None, torch.randn(23), None, 1e-5), r"LayerNorm parameters"),
+        ("empty", (x[:0], p, cu, 0, None, None, None, 1e-5), "is empty"),
+        ("per-sequence N", (x, torch.randn(3, 2, 24), cu, 0, None, None, None, 1e-5), "must have N = 2"),
+        ("starts dtype", (x, p, cu, 0, torch.zeros(2, dtype=torch.int32), None, None, 1e-5),
+         "starts must be a contiguous int64"),
+    ]
+
+
+@pytest.mark.parametrize("case", _insert_packed_cases(), ids=lambda c: c[0])
+def test_insert_packed_raw_op_checks(extension, case):
+    _, args, message = case
+    with pytest.raises(RuntimeError, match=message):
+        extension.insert_prompts_packed_fwd_cuda(*args)
+
+
+def test_insert_packed_backward_checks_the_gradient_shape(extension):
+    x, p, cu = torch.randn(9, 24), torch.randn(2, 24), torch.tensor([0, 4, 9])
+    with pytest.raises(RuntimeError, match=r"grad_y must have shape \[9, 24\]"):
+        extension.insert_prompts_packed_bwd_cuda(torch.randn(8, 24), None, x, p, cu, 0, None, None, None, [], 1e-5)
 
 def _dafe_cases():
     prev, task = torch.randn(2, 3, 24), torch.randn(3, 24)

@@ -20,6 +20,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FAKES = {
     "insert_prompts_fwd_cuda": fakes.insert_prompts_fwd,
     "insert_prompts_bwd_cuda": fakes.insert_prompts_bwd,
+    "insert_prompts_packed_fwd_cuda": fakes.insert_prompts_packed_fwd,
+    "insert_prompts_packed_bwd_cuda": fakes.insert_prompts_packed_bwd,
     "dafe_fwd_cuda": fakes.dafe_fwd,
     "dafe_bwd_cuda": fakes.dafe_bwd,
     "cmpa_fwd_cuda": fakes.cmpa_fwd,
@@ -27,7 +29,8 @@ _FAKES = {
 }
 
 # op name in the dispatch -> the prefix of its raw ops
-_RAW = {"insert_prompts": "insert_prompts", "dafe": "dafe", "cmpa": "cmpa"}
+_RAW = {"insert_prompts": "insert_prompts", "insert_prompts_packed": "insert_prompts_packed", "dafe": "dafe",
+        "cmpa": "cmpa"}
 
 
 def supports(problem: dict) -> Optional[str]:
