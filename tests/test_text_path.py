@@ -4,8 +4,10 @@ give the features and gradients of the full 77-token forward, for every method t
 import pytest
 import torch
 
+import fastprompt
 from fastprompt import methods
-from fastprompt.clip.packed import make_layout
+from fastprompt.clip import BlockHooks
+from fastprompt.clip.packed import encode_packed, make_layout
 
 from .method_helpers import batch, build
 
@@ -66,6 +68,7 @@ def test_layout_counts_only_tokens_up_to_eot():
     layout = make_layout(eot, 77, prefix_len=2)
     assert layout.total == (6 - 2) + (10 - 2) + (4 - 2)
     assert layout.eot_row.tolist() == [3, 11, 13]
+    assert layout.min_suffix == 2 and layout.max_suffix == 8
     assert layout.positions[:4].tolist() == [2, 3, 4, 5]
     with pytest.raises(ValueError, match="swallow"):
         make_layout(eot, 77, prefix_len=4)
@@ -78,3 +81,51 @@ def test_the_run_log_records_the_text_path(tmp_path):
                       method_config=dict(n_ctx=2, prefix_reuse=False), output=str(tmp_path)))
     run = read_metrics(str(tmp_path))[0]
     assert run["text_path"] == dict(pack_text=True, prefix_reuse=False, class_chunk=None, checkpoint_text=False)
+
+
+class _SuffixRows(BlockHooks):
+    """Replaces rows [start, start + 2) of every suffix before blocks 1 and 2 by per-class rows, fused with the
+    block's ln_1, on a padded view of the suffixes."""
+
+    def __init__(self, blocks, rows, start):
+        self.blocks, self.rows, self.start = blocks, rows, start
+
+    def before(self, layer, x):
+        if layer not in (1, 2):
+            return x, None
+        ln = self.blocks[layer].ln_1
+        return fastprompt.insert_prompts(x, self.rows[layer - 1], self.start, ln.weight, ln.bias, ln.eps)
+
+
+class _PackedSuffixRows(_SuffixRows):
+    """The same rows written straight into the packed tokens."""
+
+    def before_packed(self, layer, x, cu_seqlens):
+        if layer not in (1, 2):
+            return x, None
+        ln = self.blocks[layer].ln_1
+        return fastprompt.insert_prompts(x, self.rows[layer - 1], self.start, ln.weight, ln.bias, ln.eps,
+                                         cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.parametrize("start", [1, "per-class"])
+def test_suffix_hooks_on_the_packed_tokens_equal_the_padded_view(start):
+    """A suffix hook with before_packed gets the packed tokens and cu_seqlens; the features and gradients equal
+    those of the same rewrite on the padded view, in float64."""
+    method = build("map_dafe", seed=3).double()
+    prompts, clip = method.prompts, method.clip
+    n_cls = prompts.ids.shape[0]
+    layout = prompts.layout(slice(0, n_cls), prompts.prefix_len, "cpu")
+    if start == "per-class":
+        start = torch.arange(n_cls) % 2
+    torch.manual_seed(0)
+    rows = torch.randn(2, n_cls, 2, clip.text_width, dtype=torch.float64)
+    results = []
+    for hooks in (_SuffixRows, _PackedSuffixRows):
+        leaf = rows.clone().requires_grad_()
+        feats = encode_packed(clip, prompts.embeddings, layout, suffix_hooks=hooks(clip.text_blocks, leaf, start))
+        results.append((feats, torch.autograd.grad(feats.square().sum(), leaf)[0]))
+    (padded, padded_grad), (packed, packed_grad) = results
+    torch.testing.assert_close(packed, padded, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(packed_grad, padded_grad, rtol=1e-12, atol=1e-12)
+    assert padded_grad.abs().sum() > 0

@@ -17,10 +17,14 @@ Methods declare their prefix statically (its length and the group of each sequen
 Hooks: `prefix_hooks` rewrite rows of the prefix stream (G, P, D) (the context rows of CoOp-like methods);
 `suffix_hooks` rewrite rows of a padded view of the suffixes (N, S, D), rows counted from the suffix start
 (MAP-DAFE's prompts after the class name). Both keep the BlockHooks contract (x) -> (x, ln_1(x) or None).
+Suffix hooks that define `before_packed(layer, x, cu_seqlens) -> (x, ln_1(x) or None)` are handed the packed
+tokens (T, D) and the suffixes' cu_seqlens instead, and write their rows with the packed insert_prompts: no
+padded copy and back. Rows the methods write in the suffixes (DCP's without prefix reuse) go the same way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,11 +42,14 @@ class PackedLayout:
 
     prefix_len  P (0: no shared prefix)
     group       (N,) the group of each sequence; first (G,) a representative sequence of each group
-    cu          (N + 1,) cumulative suffix lengths; total T tokens
+    cu          (N + 1,) cumulative suffix lengths; total T tokens (the cu_seqlens of the packed insert_prompts)
     pad_index   (N, S) packed row of each padded suffix slot (T: a padding slot)
+    valid       (N, S) whether a padded slot holds a token
     eot_row     (N,) packed row of each EOT
     positions   (T,) true position of each packed token
     source      (T,) flat index (n·L + position) of each packed token in the (N, L) input
+    unpad_index (T,) flat index (n·S + slot) of each packed token in the padded (N, S) view
+    max_suffix, min_suffix  the longest and shortest suffix, S and min_n(len_n), known on the host
     """
 
     prefix_len: int
@@ -55,6 +62,8 @@ class PackedLayout:
     positions: Tensor
     source: Tensor
     max_suffix: int
+    unpad_index: Tensor
+    min_suffix: int
 
     @property
     def n_groups(self) -> int:
@@ -65,10 +74,8 @@ class PackedLayout:
         return int(self.cu[-1])
 
     def to(self, device) -> "PackedLayout":
-        return PackedLayout(self.prefix_len, *(t.to(device) for t in (self.group, self.first, self.cu,
-                                                                       self.pad_index, self.valid, self.eot_row,
-                                                                       self.positions, self.source)),
-                            self.max_suffix)
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return PackedLayout(**{k: t.to(device) if isinstance(t, Tensor) else t for k, t in moved.items()})
 
 
 def make_layout(eot: Tensor, length: int, prefix_len: int = 0, group: Optional[Tensor] = None) -> PackedLayout:
@@ -86,13 +93,14 @@ def make_layout(eot: Tensor, length: int, prefix_len: int = 0, group: Optional[T
     valid = slot[None, :] < suffix[:, None]
     pad_index = torch.where(valid, cu[:-1, None] + slot[None, :], torch.full_like(valid, total, dtype=torch.long))
     seq = torch.repeat_interleave(torch.arange(n), suffix)
-    positions = torch.arange(total) - cu[:-1][seq] + prefix_len
+    row = torch.arange(total) - cu[:-1][seq]  # each token's row within its suffix
+    positions = row + prefix_len
     groups = torch.unique(group)
     if not torch.equal(groups, torch.arange(groups.numel())):
         raise ValueError("groups must be numbered 0..G-1")
     first = torch.stack([int((group == g).nonzero()[0]) * torch.ones((), dtype=torch.long) for g in groups])
     return PackedLayout(prefix_len, group, first, cu, pad_index, valid, cu[1:] - 1, positions,
-                        seq * length + positions, s_max)
+                        seq * length + positions, s_max, seq * s_max + row, int(suffix.min()))
 
 
 def _pad(x: Tensor, layout: PackedLayout) -> Tensor:
@@ -101,8 +109,8 @@ def _pad(x: Tensor, layout: PackedLayout) -> Tensor:
 
 
 def _unpad(x: Tensor, layout: PackedLayout) -> Tensor:
-    """(N, S, ...) padded → (T, ...) packed."""
-    return x[layout.valid]
+    """(N, S, ...) padded → (T, ...) packed (an index gather: a boolean mask would sync the host on CUDA)."""
+    return x.reshape(-1, *x.shape[2:])[layout.unpad_index]
 
 
 def _heads(t: Tensor, heads: int) -> Tensor:
@@ -159,35 +167,48 @@ class PackedTextStream:
         self.prefix = embeddings[layout.first, :p] + pos[:p] if p else None
         self.x_ln = self.prefix_ln = None
 
+    def _check_suffix_rows(self, start: int, m: int) -> None:
+        """Rows [start, start + m) must lie in every suffix (a host-side check: the layout knows the shortest)."""
+        if start < 0 or start + m > self.layout.min_suffix:
+            raise ValueError(f"rows [{start}, {start + m}) of the suffixes do not lie in every suffix: the shortest "
+                             f"holds {self.layout.min_suffix} rows")
+
     def rows(self, start: int, m: int) -> Tensor:
         """Rows [start, start + m) of every sequence: (G, m, D) from the prefix when they lie in it, else
-        (N, m, D) from a padded view of the suffixes (rows counted from the first suffix row)."""
+        (N, m, D) gathered from the packed suffixes (rows counted from the first suffix row)."""
         if self.prefix is not None and start + m <= self.prefix.shape[1]:
             return self.prefix[:, start:start + m]
-        return _pad(self.x, self.layout)[:, start:start + m]
+        self._check_suffix_rows(start, m)
+        return self.x[self.layout.cu[:-1, None] + start + torch.arange(m, device=self.x.device)]
 
     def rewrite(self, hooks: BlockHooks, layer: int, in_prefix: bool) -> None:
-        """Let `hooks` rewrite rows before block `layer`, in the prefix or in the padded suffixes."""
+        """Let `hooks` rewrite rows before block `layer`: in the prefix, or in the suffixes, the packed tokens
+        themselves when the hooks have `before_packed`, else a padded view of them."""
         if in_prefix:
             self.prefix, self.prefix_ln = hooks.before(layer, self.prefix)
+            return
+        before_packed = getattr(hooks, "before_packed", None)
+        if before_packed is not None:
+            self.x, self.x_ln = before_packed(layer, self.x, self.layout.cu)
             return
         padded, padded_ln = hooks.before(layer, _pad(self.x, self.layout))
         self.x = _unpad(padded, self.layout)
         self.x_ln = _unpad(padded_ln, self.layout) if padded_ln is not None else None
 
     def replace(self, rows: Tensor, start: int, ln: nn.Module, backend: str) -> None:
-        """Write `rows` (as rows() returned them) at [start, start + m), fused with the next block's ln_1."""
+        """Write `rows` (as rows() returned them) at [start, start + m), fused with the next block's ln_1; in the
+        suffixes, straight into the packed tokens (insert_prompts with cu_seqlens: no padded copy)."""
         from .. import insert_prompts
 
-        def write(x):
-            return insert_prompts(x, rows, start, ln.weight, ln.bias, ln.eps, "replace", backend=backend)
-
-        if self.prefix is not None and rows.shape[0] == self.prefix.shape[0] and \
-                start + rows.shape[1] <= self.prefix.shape[1]:
-            self.prefix, self.prefix_ln = write(self.prefix)
+        m = rows.shape[-2]
+        if self.prefix is not None and rows.shape[0] == self.prefix.shape[0] and start + m <= self.prefix.shape[1]:
+            self.prefix, self.prefix_ln = insert_prompts(self.prefix, rows, start, ln.weight, ln.bias, ln.eps,
+                                                         "replace", backend=backend)
             return
-        padded, padded_ln = write(_pad(self.x, self.layout))
-        self.x, self.x_ln = _unpad(padded, self.layout), _unpad(padded_ln, self.layout)
+        # checked here against the layout, so that insert_prompts need not check cu_seqlens (a host sync on CUDA)
+        self._check_suffix_rows(start, m)
+        self.x, self.x_ln = insert_prompts(self.x, rows, start, ln.weight, ln.bias, ln.eps, "replace",
+                                           cu_seqlens=self.layout.cu, backend=backend, check_start=False)
 
     def step(self, block: nn.Module) -> None:
         """One block (both parts), with the rows rewritten since the last step."""
