@@ -83,6 +83,28 @@ def test_the_run_log_records_the_text_path(tmp_path):
     assert run["text_path"] == dict(pack_text=True, prefix_reuse=False, class_chunk=None, checkpoint_text=False)
 
 
+def test_tmml_builds_its_packed_layout_once(monkeypatch):
+    """TMML's B·C sequences have a layout that depends only on the token ids: built on the first step (which reads
+    the EOT rows on the host, a sync on CUDA) and reused by every later one."""
+    from fastprompt.methods import text
+
+    built = []
+    make = text.make_layout
+    monkeypatch.setattr(text, "make_layout", lambda *args, **kw: built.append(args[0].shape[0]) or make(*args, **kw))
+    method = build("tmml", seed=2)
+    images, _ = batch(b=3)
+    with torch.no_grad():
+        first = method(images)
+        assert built == [3 * 5]  # 3 images × 5 classes
+        second = method(images)
+    assert built == [3 * 5]
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    with torch.no_grad():
+        method(images[:2])  # another batch size: a layout of its own, once
+        method(images[:2])
+    assert built == [15, 10]
+
+
 class _SuffixRows(BlockHooks):
     """Replaces rows [start, start + 2) of every suffix before blocks 1 and 2 by per-class rows, fused with the
     block's ln_1, on a padded view of the suffixes."""

@@ -24,6 +24,8 @@ from ..clip.backbone import TEXT_SCOPE
 from ..clip.packed import PackedLayout, PackedTextStream, encode_packed, make_layout
 from .base import normal_init
 
+MAX_LAYOUTS = 32  # packed layouts kept per TextPrompts (chunks × batch sizes × devices)
+
 
 @dataclass(frozen=True)
 class TextPath:
@@ -82,11 +84,16 @@ class TextPrompts(nn.Module):
             start = start[classes]
         return insert_prompts(embeddings, rows, start, mode="replace", backend=self.backend, check_start=False)[0]
 
-    def layout(self, classes: slice, prefix_len: int, device) -> PackedLayout:
-        """The packed layout of these classes (computed once per chunk, prefix and device)."""
-        key = (classes.start, classes.stop, prefix_len, str(device))
+    def layout(self, classes: slice, prefix_len: int, device, repeat: int = 1) -> PackedLayout:
+        """The packed layout of these classes, `repeat` sequences per class laid out repeat-major (TMML's image ×
+        class). It depends only on the token ids, so it is built once per chunk, prefix, repeat and device: making
+        one reads the EOT rows on the host (a sync on CUDA), which a training step must not do."""
+        key = (classes.start, classes.stop, prefix_len, str(device), repeat)
         if key not in self._layouts:
-            self._layouts[key] = make_layout(self.eot[classes], self.ids.shape[1], prefix_len).to(device)
+            if len(self._layouts) >= MAX_LAYOUTS:  # a run sees a few batch sizes; drop the oldest beyond that
+                self._layouts.pop(next(iter(self._layouts)))
+            eot = self.eot[classes].repeat(repeat)
+            self._layouts[key] = make_layout(eot, self.ids.shape[1], prefix_len).to(device)
         return self._layouts[key]
 
     def stream(self, clip, embeddings: Tensor, path: TextPath):
@@ -128,10 +135,7 @@ class TextPrompts(nn.Module):
         if not path.pack_text:
             return clip.encode_text_stream(clip.text_stream(embeddings), self.eot[classes].repeat(repeat),
                                            later or hooks or NO_HOOKS, checkpoint=path.checkpoint_text)
-        if repeat == 1:
-            layout = self.layout(classes, prefix, embeddings.device)
-        else:
-            layout = make_layout(self.eot[classes].repeat(repeat), self.ids.shape[1], prefix).to(embeddings.device)
+        layout = self.layout(classes, prefix, embeddings.device, repeat)
         if prefix:
             return encode_packed(clip, embeddings, layout, hooks or NO_HOOKS, later, checkpoint=path.checkpoint_text)
         return encode_packed(clip, embeddings, layout, NO_HOOKS, later or hooks, checkpoint=path.checkpoint_text)
