@@ -236,9 +236,33 @@ def test_autocast(name, device, dtype):
         pytest.skip("no CUDA device")
     method = build(name).to(device)
     images, labels = batch()
+    # what the blocks compute: the attention output (through ls_1, an Identity here) and the MLP output of every
+    # block of both towers, and the outputs of the fused prompt modules (CMPA, DAFE)
+    seen = {}
+
+    def record(what):
+        def hook(module, args, output):
+            outputs = output if isinstance(output, tuple) else (output,)
+            seen.setdefault(what, set()).update(o.dtype for o in outputs if o is not None)
+        return hook
+
+    clip = method.clip
+    for tower, blocks in (("image", clip.vision_blocks), ("text", clip.text_blocks)):
+        for i, block in enumerate(blocks):
+            block.ls_1.register_forward_hook(record(f"{tower} block {i} attention"))
+            block.mlp.register_forward_hook(record(f"{tower} block {i} mlp"))
+    expected = {f"image block {i} {part}" for i in range(clip.vision_layers) for part in ("attention", "mlp")}
+    if name != "vpt_deep":  # VPT-deep's text features are fixed at construction
+        expected |= {f"text block {i} {part}" for i in range(clip.text_layers) for part in ("attention", "mlp")}
+    for n, module in method.named_modules():
+        if isinstance(module, (fastprompt.CrossModalPromptAttention, fastprompt.DeepAdaptiveFeatureEnhancement)):
+            module.register_forward_hook(record(n))
+            expected.add(n)
     with torch.autocast(device, dtype=dtype):
         loss = method.loss(images.to(device), labels.to(device))
     loss.backward()
     assert torch.isfinite(loss)
+    assert expected <= seen.keys(), sorted(expected - seen.keys())
+    assert {what: dtypes for what, dtypes in seen.items() if dtypes != {dtype}} == {}
     trained = [p for p in method.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
