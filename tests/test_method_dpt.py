@@ -106,7 +106,7 @@ def test_dpt_matches_eager(config, early):
     images, _ = batch(b=4)
     want = _eager(method, images)
     labels = _labels(want["top"], len(CLASSNAMES))
-    method.epoch = 0 if early else method.switch_epoch
+    method.epoch, method.epochs = (0 if early else 30), 60
     logits, extras = method.logits_and_extras(images)
     assert torch.equal(extras["top_k"], want["top"])
     assert_same(logits, want["logits"], "logits")
@@ -140,7 +140,7 @@ def test_aux_term_counts_only_the_slots_of_the_label():
     images, _ = batch()
     top = torch.tensor([[4, 1, 0], [2, 3, 1], [0, 2, 4]])
     method.select_classes = lambda zero_shot: top
-    method.epoch = method.switch_epoch
+    method.epoch, method.epochs = 30, 60  # the second phase: the loss is CE + the aux term
     logits, extras = method.logits_and_extras(images)
     assert_same(logits, _eager(method, images, top=top)["logits"], "logits with the given top-K")
     aux = extras["aux_logits"][:, 0]  # one CAVPT block: (B, K, C)
@@ -226,3 +226,55 @@ def test_eval_caches_text_features():
     assert len(calls) == 1
     assert_same(first, train_logits, "eval logits")
     assert torch.equal(first, second)
+
+
+def _first_phase_epochs(method, epochs: int) -> list:
+    method.epochs = epochs
+    first = []
+    for epoch in range(epochs):
+        method.epoch = epoch
+        if method.in_first_phase():
+            first.append(epoch)
+    return first
+
+
+def test_the_loss_switches_after_half_the_run():
+    """DESIGN.md: the first phase is the first half of training (epochs < 30 of 60), whatever the run's length."""
+    method = build("dpt")
+    for epochs, half in ((60, 30), (20, 10), (5, 3), (1, 1)):
+        assert _first_phase_epochs(method, epochs) == list(range(half)), epochs
+
+
+def test_switch_epoch_and_fraction_options():
+    # the public code's fixed PRETRAIN.C = 30: a 20-epoch run never leaves the first phase
+    assert _first_phase_epochs(build("dpt", switch_epoch=30), 20) == list(range(20))
+    assert _first_phase_epochs(build("dpt", switch_epoch=3), 20) == [0, 1, 2]
+    assert _first_phase_epochs(build("dpt", switch_fraction=0.25), 20) == list(range(5))
+    assert _first_phase_epochs(build("dpt", switch_fraction=0.0), 20) == []  # the second-phase loss throughout
+    with pytest.raises(ValueError, match="switch_fraction is a fraction of the run's epochs"):
+        build("dpt", switch_fraction=1.5)
+    with pytest.raises(ValueError, match="switch_epoch must be at least 0"):
+        build("dpt", switch_epoch=-1)
+
+
+def test_past_epoch_0_the_run_length_must_be_known():
+    method = build("dpt")
+    images, labels = batch()
+    assert method.in_first_phase()  # epoch 0 is in the first half of any run
+    method.epoch = 3
+    with pytest.raises(ValueError, match="set method.epochs \\(the trainer does\\) or give switch_epoch"):
+        method.loss(images, labels)
+
+
+def test_the_trainer_switches_halfway_through_its_run(tmp_path):
+    """The trainer tells the method the epoch and the run's length: a 2-epoch run trains one epoch per phase."""
+    from fastprompt.train import TrainConfig, Trainer
+
+    config = TrainConfig(method="dpt", epochs=2, shots=1, batch_size=8, synthetic_classes=4, eval_every=0,
+                         progress=False, output=str(tmp_path / "dpt"))
+    trainer = Trainer(config)
+    method, phases = trainer.method, []
+    original = method.loss_from
+    method.loss_from = lambda *args: phases.append((method.epoch, method.in_first_phase())) or original(*args)
+    trainer.fit()
+    assert sorted(set(phases)) == [(0, True), (1, False)]

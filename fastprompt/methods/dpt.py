@@ -15,10 +15,17 @@ Three parts, trained together around a frozen CLIP:
       prompts    = LN_out(out + q0)                appended for the block, dropped after it
       aux logits = LN_aux(out) W_cls               (B, K, C)
 
-The loss (trainer sets `epoch`): while epoch < switch_epoch
+The loss: during the first phase of training
 CE(zero-shot image, learned text) + CE(prompted image, template text) + 0.1·CE(prompted image, learned text),
 afterwards CE(prompted image, learned text); plus aux_weight · the auxiliary cross-entropy of the slots whose
 class is the label. forward(images) gives the prompted-image × learned-text logits.
+
+The first phase is the first half of the run (DESIGN.md: epochs < 30 of 60). The public code switches at a
+fixed epoch (PRETRAIN.C = 30, set beside MAX_EPOCH = 60 in its script), so a fixed 30 would never switch in a
+20-epoch run. Here the switch is epoch ceil(switch_fraction · epochs) (0.5: 30 of 60, 10 of 20), resolved
+against the run's length, which the trainer sets (`epoch` and `epochs`, plain attributes); switch_epoch=N
+fixes it at epoch N as the public code does. Epoch 0 is in the first phase of a run of any length, so a
+method used outside the trainer needs `epochs` (or switch_epoch) only past epoch 0.
 
 Choices where DESIGN.md is silent (the public code decides where it is explicit):
 - Each CAVPT block owns its query Linear(E → Dv) (with bias, as the public meta-net), its learnable tokens,
@@ -38,8 +45,8 @@ Choices where DESIGN.md is silent (the public code decides where it is explicit)
 - The zero-shot forward and the prompted forward share the stem (patch embedding and ln_pre), computed once
   without autograd: the CLIP is frozen and nothing is prompted before ln_pre.
 - The template text features are a frozen buffer computed once (the public code holds them in a Parameter
-  that no optimiser sees). `epoch` is a plain attribute, not in the state_dict: the trainer sets it, also on
-  resume. bottom_limit = L + 1 leaves no CAVPT block (CoOp + VPT-deep under the DPT loss, aux term 0);
+  that no optimiser sees). `epoch` and `epochs` are plain attributes, not in the state_dict: the trainer sets
+  them, also on resume. bottom_limit = L + 1 leaves no CAVPT block (CoOp + VPT-deep under the DPT loss, aux term 0);
   n_visual_tokens = 0 leaves no VPT prompt.
 - Evaluation still runs the zero-shot forward per batch (the prompts depend on each image's top-K); the
   learned text features are computed once per evaluation (cached_text_features).
@@ -47,6 +54,7 @@ Choices where DESIGN.md is silent (the public code decides where it is explicit)
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
 import open_clip
@@ -59,7 +67,7 @@ from ..clip import BlockHooks, Slot, clean_classname
 from .base import PromptMethod, normal_init
 from .text import TextPath, TextPrompts, context_init
 
-EARLY_LEARNED_TEXT_WEIGHT = 0.1  # weight of CE(prompted image, learned text) while epoch < switch_epoch
+EARLY_LEARNED_TEXT_WEIGHT = 0.1  # weight of CE(prompted image, learned text) in the first phase
 
 
 class CAVPT(nn.Module):
@@ -125,15 +133,17 @@ class _DPTHooks(BlockHooks):
 
 class DPT(PromptMethod):
     """DPT. Config: n_ctx (16), n_visual_tokens (10), bottom_limit (12, 1-based: CAVPT in blocks
-    bottom_limit..L), top_k (10), n_cavpt_tokens (10), qk_dim (32), aux_weight (0.3), switch_epoch (30),
-    template ("a photo of a {}."), ctx_lr (0.002, CoOp context), lr (0.01, the rest), class_chunk,
-    checkpoint_text."""
+    bottom_limit..L), top_k (10), n_cavpt_tokens (10), qk_dim (32), aux_weight (0.3), switch_fraction (0.5:
+    the loss switches after this fraction of the run's epochs), switch_epoch (None; an epoch number overrides
+    switch_fraction), template ("a photo of a {}."), ctx_lr (0.002, CoOp context), lr (0.01, the rest),
+    class_chunk, checkpoint_text."""
 
     name = "dpt"
 
     def __init__(self, clip_model, classnames: Iterable[str], *, n_ctx: int = 16, n_visual_tokens: int = 10,
                  bottom_limit: int = 12, top_k: int = 10, n_cavpt_tokens: int = 10, qk_dim: int = 32,
-                 aux_weight: float = 0.3, switch_epoch: int = 30, template: str = "a photo of a {}.",
+                 aux_weight: float = 0.3, switch_fraction: float = 0.5, switch_epoch: Optional[int] = None,
+                 template: str = "a photo of a {}.",
                  ctx_lr: float = 0.002, lr: float = 0.01, class_chunk: Optional[int] = None,
                  checkpoint_text: bool = False, pack_text: bool = True, prefix_reuse: bool = True,
                  backend: str = "auto"):
@@ -146,11 +156,17 @@ class DPT(PromptMethod):
                                  ("n_visual_tokens", n_visual_tokens, 0), ("n_cavpt_tokens", n_cavpt_tokens, 0)):
             if value < low:
                 raise ValueError(f"dpt: {what} must be at least {low}, got {value}")
+        if not 0.0 <= switch_fraction <= 1.0:
+            raise ValueError(f"dpt: switch_fraction is a fraction of the run's epochs, from 0 to 1; got "
+                             f"{switch_fraction}")
+        if switch_epoch is not None and switch_epoch < 0:
+            raise ValueError(f"dpt: switch_epoch must be at least 0, got {switch_epoch}")
         self.bottom_limit, self.top_k = bottom_limit, min(top_k, n_cls)
-        self.aux_weight, self.switch_epoch = aux_weight, switch_epoch
+        self.aux_weight, self.switch_fraction, self.switch_epoch = aux_weight, switch_fraction, switch_epoch
         self.ctx_lr, self.lr = ctx_lr, lr
         self.text_path = TextPath(class_chunk, checkpoint_text, pack_text, prefix_reuse)
-        self.epoch = 0  # set by the trainer: the loss changes at switch_epoch
+        # set by the trainer (epochs: the run's length): the loss changes at the switch
+        self.epoch, self.epochs = 0, None
 
         # text: CoOp, class at the end
         self.ctx, self.n_ctx = context_init(clip, n_ctx, None)
@@ -207,8 +223,24 @@ class DPT(PromptMethod):
         matched = (top == labels[:, None])[:, None].expand(b, blocks, k)
         return torch.where(matched, ce, 0.0).sum() / matched.sum().clamp_min(1)
 
+    def switch_at(self) -> Optional[int]:
+        """The first epoch of the second phase: switch_epoch, else ceil(switch_fraction · epochs); None while the
+        run's length is unknown."""
+        if self.switch_epoch is not None:
+            return self.switch_epoch
+        return None if self.epochs is None else math.ceil(self.switch_fraction * self.epochs)
+
+    def in_first_phase(self) -> bool:
+        switch = self.switch_at()
+        if switch is not None:
+            return self.epoch < switch
+        if self.epoch == 0:  # ceil(f · epochs) >= 1 for any run when f > 0
+            return self.switch_fraction > 0
+        raise ValueError(f"dpt: at epoch {self.epoch} the loss depends on the run's length: set method.epochs (the "
+                         "trainer does) or give switch_epoch")
+
     def loss_from(self, logits: Tensor, extras: dict, labels: Tensor) -> Tensor:
-        if self.epoch < self.switch_epoch:
+        if self.in_first_phase():
             loss = (F.cross_entropy(self.clip_logits(extras["zero_shot_features"], extras["text_features"]), labels)
                     + F.cross_entropy(self.clip_logits(extras["image_features"], self.fixed_text_features), labels)
                     + EARLY_LEARNED_TEXT_WEIGHT * F.cross_entropy(logits, labels))

@@ -290,8 +290,8 @@ class Trainer:
                 break
             for g in self.optimizer.param_groups:
                 g["lr"] = learning_rate(g["base_lr"], epoch, config)
-            if hasattr(self.method, "epoch"):  # methods whose loss changes with the epoch (DPT)
-                self.method.epoch = epoch
+            if hasattr(self.method, "epoch"):  # methods whose loss changes with the epoch and the run's length (DPT)
+                self.method.epoch, self.method.epochs = epoch, config.epochs
             loader = self._loader(epoch)
             progress = _progress(loader, f"epoch {epoch + 1}/{config.epochs}", config.progress and self.rank == 0)
             for images, labels in progress:
