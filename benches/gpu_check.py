@@ -1,14 +1,23 @@
 """Timing half of the prepared GPU check (benches/gpu_check.sh runs the build and the tests first).
 
-For about ten representative shapes of the three ops it times forward + backward of: eager PyTorch (the
-reference math), torch.compile of it, CUDA-graph replay of it, and fastprompt's triton and cuda backends
-where they run. Each time is the median of CUDA-event timings after a warm-up, rotating among enough copies
-of the inputs and weights to exceed twice the L2 cache, so that weights are read from device memory as in a
-training step (CMPA's bf16 weights, 22 MB, would otherwise sit in an H100's 50 MB L2). Each result is
-appended to OUT/results.jsonl as soon as it is measured; the table is written to OUT/results.md and
-printed last.
+Three parts (--only picks some; gpu_check.sh runs the ops, then the text-tower parts under their own limit):
+  ops        for about ten representative shapes of the three ops, forward + backward of: eager PyTorch (the
+             reference math), torch.compile of it, CUDA-graph replay of it, and fastprompt's triton and cuda
+             backends where they run. Each time is the median of CUDA-event timings after a warm-up, rotating
+             among enough copies of the inputs and weights to exceed twice the L2 cache, so that weights are
+             read from device memory as in a training step (CMPA's bf16 weights, 22 MB, would otherwise sit
+             in an H100's 50 MB L2). Each result is appended to OUT/results.jsonl as soon as it is measured;
+             the table is written to OUT/results.md.
+  text       the text-tower figures (benches/text_tower_figures.py), ViT-B/16, C = 1000, 2 and 16 context
+             tokens: open_clip's encode_text against EOT packing and packing + prefix reuse, forward and
+             forward + backward, and CoOp's logits end to end
+  attention  the causal attention of the packed path (benches/text_attention_variants.py), C = 1000, 2 and
+             16 context tokens, bf16: padded SDPA, varlen_attn, a per-sequence loop, FlexAttention eager
+             and compiled, forward and forward + backward
+Every table is appended to OUT/results.md and printed as soon as it is measured.
 
     python benches/gpu_check.py --out benches/results/<card>-<date> [--skip-compile] [--reps 50]
+                                [--only ops text attention]
 """
 
 import argparse
@@ -139,49 +148,54 @@ def _median_us(steps, reps, warmup=10):
     return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3
 
 
-def attention_variants(out_dir) -> str:
-    """Causal attention over packed ragged sequences on the GPU: torch's varlen_attn (flash) against the
-    padded SDPA the packed text path uses, and FlexAttention with a document mask (compiled), bf16, 1000
-    sequences of 3-21 tokens, 8 heads of 64: decides whether the packed path should call varlen_attn here."""
-    import torch.nn.functional as F
+def attention_tables(device="cuda", classes=1000, contexts=(2, 16), rounds=20, variants=None, write=print):
+    """The causal attention of the packed text path (benches/text_attention_variants.py): padded SDPA (what
+    packed.py does), varlen_attn, a per-sequence loop, FlexAttention with a document + causal mask eager
+    and compiled; forward and forward + backward over CoOp's ragged sequences for C ImageNet names, bf16 on
+    CUDA. Decides whether the packed path should call varlen_attn or FlexAttention on this GPU."""
+    from text_attention_variants import measure, table
 
-    g = torch.Generator().manual_seed(0)
-    lens = torch.randint(3, 22, (1000,), generator=g)
-    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).int()]).cuda()
-    t, s_max = int(lens.sum()), int(lens.max())
-    q, k, v = (torch.randn(t, 8, 64, device="cuda", dtype=DTYPE) for _ in range(3))
-    pad_index = torch.full((1000, s_max), t, dtype=torch.long)
-    for n, (start, length) in enumerate(zip(cu[:-1].tolist(), lens.tolist())):
-        pad_index[n, :length] = torch.arange(start, start + length)
-    pad_index = pad_index.cuda()
-
-    def padded():
-        qp, kp, vp = (torch.cat([x, x.new_zeros(1, 8, 64)])[pad_index].transpose(1, 2) for x in (q, k, v))
-        return F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
-
-    rows = {"padded SDPA (the packed path)": padded}
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-
-        rows["varlen_attn"] = lambda: varlen_attn(q, k, v, cu, cu, s_max, s_max, window_size=(-1, 0))
-    except ImportError as exc:
-        print(f"varlen_attn unavailable: {exc}")
-    lines = ["causal attention, 1000 ragged sequences (3-21 tokens), 8×64 heads, bf16: median µs", "",
-             "| variant | µs |", "|---|---|"]
-    for name, fn in rows.items():
-        try:
-            lines.append(f"| {name} | {_median_us([fn], 50):,.1f} |")
-        except Exception as exc:
-            lines.append(f"| {name} | failed: {type(exc).__name__}: {str(exc)[:80]} |")
-    return "\n".join(lines)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    results = []
+    for n_ctx in contexts:
+        results.append(measure(classes, n_ctx, device, dtype, rounds, variants))
+        write(table(results[-1]))
+    return results
 
 
-def text_tower_tables() -> str:
-    """The exact text-tower acceleration on this GPU (benches/text_tower_figures.py), C = 1000, 2 and 16
-    context tokens, fp32."""
+def text_tower_tables(model="ViT-B-16", classes=1000, contexts=(2, 16), rounds=5, write=print):
+    """The exact text-tower acceleration on this device (benches/text_tower_figures.py): open_clip's
+    encode_text against EOT packing and packing + prefix reuse, forward and forward + backward, and CoOp's
+    logits for one image end to end; fp32."""
     from text_tower_figures import measure, table
 
-    return "\n\n".join(table(measure("ViT-B-16", 1000, n_ctx, rounds=5)) for n_ctx in (2, 16))
+    results = []
+    for n_ctx in contexts:
+        torch.manual_seed(0)
+        results.append(measure(model, classes, n_ctx, rounds))
+        write(table(results[-1]))
+    return results
+
+
+SECTIONS = ("ops", "text", "attention")
+
+
+def run_sections(out_dir, sections) -> None:
+    """The text-tower sections, each table appended to OUT/results.md as soon as it is measured (a run cut
+    short by its time limit keeps what it finished); a failing section is reported and the next one runs."""
+    os.makedirs(out_dir, exist_ok=True)
+
+    def write(text):
+        with open(os.path.join(out_dir, "results.md"), "a") as f:
+            f.write("\n" + text + "\n")
+        print("\n" + text, flush=True)
+
+    for name in sections:
+        section = {"text": text_tower_tables, "attention": attention_tables}[name]
+        try:
+            section(write=write)
+        except Exception as exc:
+            write(f"{section.__name__} failed: {type(exc).__name__}: {exc}")
 
 
 def run(out_dir, reps, skip_compile):
@@ -227,14 +241,6 @@ def run(out_dir, reps, skip_compile):
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     print(table)
-    for section in (attention_variants, text_tower_tables):
-        try:
-            text = section(out_dir) if section is attention_variants else section()
-        except Exception as exc:
-            text = f"{section.__name__} failed: {type(exc).__name__}: {exc}"
-        with open(os.path.join(out_dir, "results.md"), "a") as f:
-            f.write("\n" + text + "\n")
-        print("\n" + text, flush=True)
 
 
 def format_table(card, rows):
@@ -258,7 +264,11 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="benches/results/local")
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (its compiles are slow)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="the parts to run: the op timings, the text-tower figures, the attention variants")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_check.py needs a CUDA device")
-    run(args.out, args.reps, args.skip_compile)
+    if "ops" in args.only:
+        run(args.out, args.reps, args.skip_compile)
+    run_sections(args.out, [s for s in args.only if s != "ops"])

@@ -6,8 +6,9 @@
 # (open_clip and its pure-Python needs, once the methods use it) are installed to /tmp/site first.
 #   1. build fastprompt._C in place for sm_90 (the log says how long)
 #   2. every GPU test: the cuda-device cases of every op test, all backends, fp32/fp16/bf16, fwd and bwd
-#   3. the op timings (benches/gpu_check.py), each result written as soon as it exists
-#   4. the table, printed last
+#   3. the op timings (benches/gpu_check.py --only ops), each result written as soon as it exists
+#   4. the text-tower figures and the packed path's attention variants (--only text attention), own limit
+#   5. the tables, printed last
 # Everything lands in $OUT (the device tool's folder) or benches/results/local.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,14 @@ timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -k "cuda
 echo "pytest exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30; tail -2 "$OUT/tests.log"
 
 echo "== op timings"
-timeout "${BENCH_TIMEOUT:-300}" python3 benches/gpu_check.py --out "$OUT" ${GPU_CHECK_ARGS:-} > "$OUT/bench.log" 2>&1
-echo "gpu_check.py exit $?"; grep -E "FAILED|unavailable" "$OUT/bench.log" | head -20
+timeout "${BENCH_TIMEOUT:-300}" python3 benches/gpu_check.py --out "$OUT" --only ops ${GPU_CHECK_ARGS:-} \
+  > "$OUT/bench.log" 2>&1
+echo "gpu_check.py --only ops exit $?"; grep -E "FAILED|unavailable" "$OUT/bench.log" | head -20
+
+# text-tower figures, then the attention variants (FlexAttention's compiles last): each table lands in
+# results.md as soon as it is measured, so a run cut short by the limit keeps what it finished
+echo "== text tower and packed attention"
+timeout "${TEXT_TIMEOUT:-180}" python3 benches/gpu_check.py --out "$OUT" --only text attention \
+  > "$OUT/text.log" 2>&1
+echo "gpu_check.py --only text attention exit $?"; grep -E "failed" "$OUT/text.log" | head -20
 cat "$OUT/results.md" 2>/dev/null
