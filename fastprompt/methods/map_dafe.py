@@ -59,6 +59,23 @@ class DAFERows(BlockHooks):
         return insert_prompts(x, fused, start, ln.weight, ln.bias, ln.eps, "replace", backend=self.backend,
                               check_start=False)
 
+    def before_packed(self, layer: int, x: Tensor, cu_seqlens: Tensor):
+        """The same on packed suffix tokens x (T, D) with cumulative lengths cu_seqlens (N + 1,): the prompt
+        rows are gathered from, and written back into, the packed tokens (no padded copy)."""
+        if not 1 <= layer <= len(self.dafe):
+            return x, None
+        task = self.tasks[layer - 1]
+        m = task.shape[0]
+        if self.start is None:
+            raise ValueError("map_dafe: packed rows need explicit offsets (start=None means the last rows)")
+        start = self.start[:, None] if isinstance(self.start, Tensor) else self.start
+        index = cu_seqlens[:-1, None] + start + torch.arange(m, device=x.device)  # (N, M) packed rows
+        fused = self.dafe[layer - 1](x[index], task)
+        ln = self.blocks[layer].ln_1
+        # valid by construction, as in before(): no range check (a host sync on CUDA)
+        return insert_prompts(x, fused, self.start, ln.weight, ln.bias, ln.eps, "replace", cu_seqlens=cu_seqlens,
+                              backend=self.backend, check_start=False)
+
 
 class MAPDAFE(PromptMethod):
     """MAP-DAFE. Config: n_ctx_text (4), n_ctx_vision (4), depth (9: prompts enter at block 0, DAFE before
