@@ -72,12 +72,78 @@ def test_an_interrupted_epoch_loses_nothing_that_was_checkpointed(tmp_path, monk
         assert torch.equal(_params(broken)[key], value), key
 
 
-def test_deterministic_mode_is_bit_identical(tmp_path):
-    runs = [str(tmp_path / f"run{i}") for i in range(2)]
-    for run in runs:
-        train(TrainConfig(output=run, deterministic=True, **{**SMALL, "method": "dcp"}))
-    first, second = _params(runs[0]), _params(runs[1])
-    assert all(torch.equal(first[k], second[k]) for k in first)
+def _determinism_flags():
+    return (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+
+def _record_flags(trainer, monkeypatch, fail=False):
+    """Record the determinism flags at every training step and evaluation batch of `trainer`."""
+    seen = {"step": [], "eval": []}
+    step, forward = trainer.method.loss_and_logits, trainer.method.forward
+
+    def recording_step(images, labels):
+        seen["step"].append(_determinism_flags())
+        if fail:
+            raise RuntimeError("a step that fails")
+        return step(images, labels)
+
+    def recording_forward(images):
+        seen["eval"].append(_determinism_flags())
+        return forward(images)
+
+    monkeypatch.setattr(trainer.method, "loss_and_logits", recording_step)
+    monkeypatch.setattr(trainer.method, "forward", recording_forward)
+    return seen
+
+
+def test_deterministic_mode_holds_during_the_run_and_is_restored_after(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    before = _determinism_flags()
+    assert before == (False, False, True, None)
+    config = dict(**{**SMALL, "epochs": 1}, deterministic=True)
+    trainer = Trainer(TrainConfig(output=str(tmp_path / "on"), **config))
+    seen = _record_flags(trainer, monkeypatch)
+    trainer.fit()
+    inside = (True, True, False, ":4096:8")
+    assert seen["step"] and set(seen["step"]) == {inside}
+    assert seen["eval"] and set(seen["eval"]) == {inside}
+    assert _determinism_flags() == before
+    trainer.evaluate()  # evaluating a finished run is deterministic too, and restores as well
+    assert set(seen["eval"]) == {inside} and _determinism_flags() == before
+
+    failing = Trainer(TrainConfig(output=str(tmp_path / "failing"), **config))
+    seen = _record_flags(failing, monkeypatch, fail=True)
+    with pytest.raises(RuntimeError, match="a step that fails"):
+        failing.fit()
+    assert seen["step"] == [inside] and _determinism_flags() == before
+
+    off = Trainer(TrainConfig(output=str(tmp_path / "off"), **{**config, "deterministic": False}))
+    seen = _record_flags(off, monkeypatch)
+    off.fit()
+    assert set(seen["step"]) == {before}
+
+
+def test_augmented_training_is_bit_identical_for_any_number_of_workers(tmp_path):
+    """Random crops and flips on images on disk: a deterministic run with 2 DataLoader workers and one with none
+    follow the same trajectory bit for bit (the augmentation is drawn from the run's seed, the epoch and the
+    image, never from a worker's or the main process's generator, which differ between the two)."""
+    for split in ("train", "test"):
+        _write_images(str(tmp_path / "data" / split), ["cat", "dog"], 3, noise=True)
+    config = dict(**{**SMALL, "shots": 3, "batch_size": 3}, data=str(tmp_path / "data"), deterministic=True)
+    runs = {workers: str(tmp_path / f"workers{workers}") for workers in (2, 0)}
+    for workers, run in runs.items():
+        train(TrainConfig(output=run, num_workers=workers, **config))
+    two, none = _params(runs[2]), _params(runs[0])
+    assert all(torch.equal(none[k], v) for k, v in two.items())
+    assert _losses(runs[0]) == _losses(runs[2]) and len(_losses(runs[0])) == 4
+    # the augmentation is really random: another epoch crops the same image differently
+    dataset = Trainer(TrainConfig(output=str(tmp_path / "x"), **config)).task.train
+    first = dataset[0][0]
+    assert torch.equal(dataset[0][0], first)
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[0][0], first)
 
 
 @pytest.mark.parametrize("method", ["dcp", "coop"], ids=["dcp-batch-pooled", "coop"])
@@ -101,13 +167,19 @@ def test_ddp_two_processes_equal_one_process_over_the_global_batch(tmp_path, met
 
 # ---- data ----------------------------------------------------------------------------------------
 
-def _write_images(root, classes, per_class, corrupt=None):
+def _write_images(root, classes, per_class, corrupt=None, noise=False):
+    """PNG files root/<class>/<i>.png: flat colours, or seeded noise (which a random crop changes)."""
     paths = []
+    g = torch.Generator().manual_seed(len(root))
     for c in classes:
         os.makedirs(os.path.join(root, c), exist_ok=True)
         for i in range(per_class):
             path = os.path.join(root, c, f"{i}.png")
-            Image.new("RGB", (12, 12), color=(10 * i, 40, 200)).save(path)
+            if noise:
+                pixels = torch.randint(0, 256, (12, 12, 3), generator=g, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(path)
+            else:
+                Image.new("RGB", (12, 12), color=(10 * i, 40, 200)).save(path)
             paths.append(path)
     if corrupt:
         with open(os.path.join(root, classes[0], corrupt), "wb") as f:

@@ -42,12 +42,26 @@ def clip_normalize(model):
     return lambda image: (image - mean) / std
 
 
-class RecordDataset(Dataset):
-    """Records read as (image, label); an unreadable image is an error that names the file."""
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one training image's random augmentation: a function of the run's seed, the epoch and the
+    image's index only, so the crops and flips of a run do not depend on the number of DataLoader workers,
+    on the number of ranks, or on where a resumed run restarted."""
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63)
 
-    def __init__(self, records: list, transform):
-        self.records, self.transform = list(records), transform
+
+class RecordDataset(Dataset):
+    """Records read as (image, label); an unreadable image is an error that names the file.
+
+    With `seed` (the training set), the transform runs under torch's CPU generator seeded from
+    augmentation_seed(seed, epoch, index) and the caller's generator state is left as it was; `set_epoch`
+    picks the epoch (the trainer calls it before each epoch's DataLoader starts its workers)."""
+
+    def __init__(self, records: list, transform, seed: Optional[int] = None):
+        self.records, self.transform, self.seed, self.epoch = list(records), transform, seed, 0
         self.labels = [r.label for r in self.records]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.records)
@@ -59,7 +73,11 @@ class RecordDataset(Dataset):
         try:
             with Image.open(record.path) as image:
                 image.load()
-                return self.transform(image), record.label
+                if self.seed is None:
+                    return self.transform(image), record.label
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(augmentation_seed(self.seed, self.epoch, index))
+                    return self.transform(image), record.label
         except (OSError, UnidentifiedImageError) as exc:
             raise DataError(f"cannot read image {record.path} (class {record.classname!r}): {exc}") from exc
 
@@ -99,7 +117,7 @@ def build_task(model, data: Optional[str] = None, *, shots: int = 16, seed: int 
     train_tf, eval_tf = clip_transforms(model)
     train_records = few_shot(splits.train, shots, seed)
     if subsample == "all":
-        return TaskData(RecordDataset(train_records, train_tf), splits.classnames,
+        return TaskData(RecordDataset(train_records, train_tf, seed), splits.classnames,
                         {"test": (RecordDataset(splits.test, eval_tf), splits.classnames)},
                         f"{data}: {len(splits.classnames)} classes, {shots} shots, seed {seed}")
     base_train, base_names = subsample_classes(train_records, splits.classnames, "base")
@@ -109,7 +127,7 @@ def build_task(model, data: Optional[str] = None, *, shots: int = 16, seed: int 
         evaluations[which] = (RecordDataset(records, eval_tf), names)
     trained_on = "base" if subsample == "base" else subsample
     train_records, names = subsample_classes(train_records, splits.classnames, trained_on)
-    return TaskData(RecordDataset(train_records, train_tf), names, evaluations,
+    return TaskData(RecordDataset(train_records, train_tf, seed), names, evaluations,
                     f"{data}: {trained_on} classes ({len(names)}), {shots} shots, seed {seed}")
 
 
@@ -140,6 +158,6 @@ def _subsample_synthetic(train, test, names, subsample, seed):
                     f"built-in shapes, {subsample} classes, seed {seed}")
 
 
-__all__ = ["DataError", "Record", "RecordDataset", "RecordSplits", "SyntheticShapes", "TaskData", "build_task",
+__all__ = ["DataError", "Record", "RecordDataset", "augmentation_seed", "RecordSplits", "SyntheticShapes", "TaskData", "build_task",
            "clip_normalize", "clip_transforms", "few_shot", "read_dataset", "read_image_folder", "read_split_json",
            "subsample_classes"]

@@ -40,7 +40,7 @@ class TrainConfig:
     precision: str = "auto"             # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     device: str = "auto"
     seed: int = 1
-    deterministic: bool = False
+    deterministic: bool = False         # deterministic algorithms during the run (trainer.deterministic_mode)
     num_workers: int = 0
     eval_every: int = 1                 # epochs between evaluations (0: only at the end)
     output: str = "runs/latest"

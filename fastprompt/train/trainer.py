@@ -3,10 +3,15 @@ checkpoints that resume the exact trajectory, torchrun / DDP, and a deterministi
 
 Reproducibility is by construction: the data order of epoch e is a permutation drawn from (seed, e) (the
 same as torch's DistributedSampler, so one process with batch G·b sees, step by step, the union of what G
-ranks with batch b see), the learning rate is a function of the epoch, and a checkpoint at the end of every
-epoch holds the trained tensors, the optimizer, the gradient scaler and every RNG state. A run stopped at any
-point resumes from its last checkpoint and replays the interrupted epoch from its start: the same parameters
-as a run never stopped.
+ranks with batch b see), the random augmentation of a training image is drawn from (seed, epoch, index) (so
+neither the number of DataLoader workers nor of ranks changes it), the learning rate is a function of the
+epoch, and a checkpoint at the end of every epoch holds the trained tensors, the optimizer, the gradient
+scaler and every RNG state. A run stopped at any point resumes from its last checkpoint and replays the
+interrupted epoch from its start: the same parameters as a run never stopped.
+
+What that leaves to chance is the order of floating-point reductions in kernels that choose it at run time
+(cuBLAS workspaces, cuDNN autotuning, atomics). Deterministic mode (`deterministic=True`) removes it for the
+run's training and evaluation and restores the process's settings afterwards (`deterministic_mode`).
 """
 
 from __future__ import annotations
@@ -85,6 +90,37 @@ class _Loss(nn.Module):
         return self.method.loss_and_logits(images, labels)
 
 
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool = True):
+    """Deterministic algorithms for the duration of the block, the process's own settings restored on the way
+    out (a run must not leave `torch.use_deterministic_algorithms` on for whatever the caller does next).
+
+    Inside: torch.use_deterministic_algorithms(True) (ops without a deterministic kernel raise instead of
+    running; on the CPU, uninitialised memory is filled with NaN so a read of it shows), cuDNN deterministic
+    and not benchmarking, and CUBLAS_WORKSPACE_CONFIG set for deterministic cuBLAS (read when cuBLAS first
+    allocates its workspace, so it takes effect in a process whose first matrix product runs inside). With
+    enabled=False nothing is touched."""
+    if not enabled:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.deterministic, cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[4] or CUBLAS_DETERMINISTIC_WORKSPACE
+    torch.use_deterministic_algorithms(True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
+        if saved[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 def _rng_state(device: torch.device) -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -153,10 +189,6 @@ class Trainer:
             torch.cuda.set_device(self.device)
 
     def _seed_everything(self, seed: int) -> None:
-        if self.config.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -232,7 +264,8 @@ class Trainer:
         """Top-1 (%) on a dataset whose labels index `classnames`, on this process alone (batch-mixing methods
         see the evaluation batch, whose size is logged). Leaves every RNG as it was, so evaluating never
         changes the training trajectory."""
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), local_only():
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), local_only(), \
+                deterministic_mode(self.config.deterministic):
             method = self._method_for(classnames)
             method.eval()
             correct = total = 0
@@ -259,6 +292,8 @@ class Trainer:
     # ---- training ----------------------------------------------------------------------------------
     def _loader(self, epoch: int) -> DataLoader:
         self.sampler.set_epoch(epoch)
+        if hasattr(self.task.train, "set_epoch"):  # augmentation drawn from (seed, epoch, index): see data.RecordDataset
+            self.task.train.set_epoch(epoch)
         return DataLoader(self.task.train, batch_size=self.config.batch_size, sampler=self.sampler,
                           num_workers=self.config.num_workers,
                           generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
@@ -271,6 +306,11 @@ class Trainer:
         return (t / self.world).tolist()
 
     def fit(self) -> dict:
+        """Train to the end of the run (or `stop_after` epochs, or `max_steps`); the last evaluation."""
+        with deterministic_mode(self.config.deterministic):
+            return self._fit()
+
+    def _fit(self) -> dict:
         config = self.config
         resumed = self.load_checkpoint()
         start_epoch = self.epoch + 1 if resumed else 0
