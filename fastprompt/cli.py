@@ -50,6 +50,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--optimizer", default=d.optimizer, choices=["auto", "sgd", "adamw"],
+                   help="auto: SGD (the field's recipe), AdamW on the built-in data with random weights")
     p.add_argument("--backend", default=d.backend, choices=["auto", "reference", "triton", "cuda"])
     p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default=d.device)

@@ -12,7 +12,13 @@ from typing import Optional
 class TrainConfig:
     """Defaults are the built-in run: DCP on the procedural shapes with a small random CLIP, about a minute
     on two CPU cores. The recipe follows the field (CoOp / Dassl): SGD with momentum 0.9 and weight decay
-    5e-4, one warm-up epoch at a constant 1e-5, then a cosine schedule over the remaining epochs."""
+    5e-4, one warm-up epoch at a constant 1e-5, then a cosine schedule over the remaining epochs.
+
+    optimizer "auto" is that SGD, except on the built-in data with random CLIP weights (no data, no
+    pretrained), where it is AdamW: there the prompts' gradients differ by three orders of magnitude between
+    the text context (the random text tower's LayerNorms amplify its small embeddings) and CMPA's weights,
+    so SGD at one learning rate either blows the context up, collapsing every class's text feature onto one
+    (the loss stalls at ln C), or leaves CMPA still. AdamW's per-parameter scaling learns the shapes."""
 
     method: str = "dcp"
     model: str = "fastprompt-tiny"
@@ -26,11 +32,12 @@ class TrainConfig:
     subsample: str = "all"              # all | base | new (base-to-new: train on base, evaluate base and new)
     synthetic_classes: int = 8
 
-    epochs: int = 10
+    epochs: int = 50
     batch_size: int = 32
     eval_batch_size: int = 64
     lr: float = 0.02
-    momentum: float = 0.9
+    optimizer: str = "auto"             # auto | sgd | adamw (auto: adamw on the built-in data with random weights)
+    momentum: float = 0.9               # SGD's
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5

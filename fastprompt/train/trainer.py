@@ -47,6 +47,19 @@ def method_config(config: TrainConfig) -> dict:
     return dict(methods.SMALL_MODEL_CONFIGS.get(config.method, {})) if config.model in SMALL_CONFIGS else {}
 
 
+OPTIMIZERS = ("auto", "sgd", "adamw")
+
+
+def resolve_optimizer(config: TrainConfig) -> str:
+    """The optimizer a run uses: as asked, or for "auto" the field's SGD, and AdamW on the built-in data with
+    random CLIP weights (TrainConfig says why)."""
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; optimizers are {', '.join(OPTIMIZERS)}")
+    if config.optimizer != "auto":
+        return config.optimizer
+    return "adamw" if config.data is None and not config.pretrained else "sgd"
+
+
 class EpochPermutation(Sampler):
     """This rank's share of a permutation drawn from seed + epoch (DistributedSampler's recipe, padded to a
     multiple of the world size by repeating the head)."""
@@ -158,8 +171,12 @@ class Trainer:
         groups = [g if isinstance(g, dict) else {"params": [g]} for g in groups]
         for g in groups:
             g["base_lr"] = g.get("lr", config.lr)
-        self.optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+        self.optimizer_name = resolve_optimizer(config)
+        if self.optimizer_name == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                                             weight_decay=config.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.step_model = _Loss(self.method)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -233,7 +250,8 @@ class Trainer:
             return False
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
         saved = TrainConfig.from_dict(json.loads(state["config"]))
-        for key in ("method", "model", "data", "shots", "seed", "epochs", "batch_size", "method_config"):
+        for key in ("method", "model", "data", "shots", "seed", "epochs", "batch_size", "method_config",
+                    "optimizer"):
             if getattr(saved, key) != getattr(self.config, key):
                 raise ValueError(f"{self.checkpoint_path} was written with {key}={getattr(saved, key)!r}, this run "
                                  f"has {getattr(self.config, key)!r}: use another output directory or resume=False")
@@ -318,7 +336,8 @@ class Trainer:
             self.log.reset()
             self.log.write(kind="run", config=json.loads(config.to_json()),
                            data=self.task.description, world_size=self.world, device=str(self.device),
-                           precision=str(self.precision or torch.float32), backend=self.resolved_backend(),
+                           precision=str(self.precision or torch.float32), optimizer=self.optimizer_name,
+                           backend=self.resolved_backend(),
                            text_path=self.method.text_path.describe() if hasattr(self.method, "text_path") else None,
                            torch=torch.__version__)
         last_eval: dict = {}
