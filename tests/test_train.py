@@ -182,14 +182,14 @@ def test_ddp_two_processes_equal_one_process_over_the_global_batch(tmp_path, met
 
 # ---- data ----------------------------------------------------------------------------------------
 
-def _write_images(root, classes, per_class, corrupt=None, noise=False):
-    """PNG files root/<class>/<i>.png: flat colours, or seeded noise (which a random crop changes)."""
+def _write_images(root, classes, per_class, corrupt=None, noise=False, suffix=".png"):
+    """Image files root/<class>/<i><suffix>: flat colours, or seeded noise (which a random crop changes)."""
     paths = []
     g = torch.Generator().manual_seed(len(root))
     for c in classes:
         os.makedirs(os.path.join(root, c), exist_ok=True)
         for i in range(per_class):
-            path = os.path.join(root, c, f"{i}.png")
+            path = os.path.join(root, c, f"{i}{suffix}")
             if noise:
                 pixels = torch.randint(0, 256, (12, 12, 3), generator=g, dtype=torch.uint8)
                 Image.fromarray(pixels.numpy()).save(path)
@@ -223,6 +223,77 @@ def test_image_folder_trees_are_read(tmp_path):
         _write_images(str(tmp_path / "tree" / split), ["cat", "dog"], 2)
     tree = read_dataset(str(tmp_path / "tree"))
     assert len(tree.train) == 4 and len(tree.test) == 4 and tree.val == []
+
+
+IMAGENET_CLASSES = [("n01440764", "tench"), ("n01443537", "goldfish"), ("n01484850", "great white shark")]
+
+
+def _write_imagenet_family(root) -> dict:
+    """CoOp's layouts of ImageNet and its variants, 3 classes: {name: folder}."""
+    wnids = [w for w, _ in IMAGENET_CLASSES]
+    folders = {name: os.path.join(root, name) for name in ("imagenet", "imagenet-sketch", "imagenet-r", "imagenetv2")}
+    for folder in folders.values():
+        os.makedirs(folder)
+        with open(os.path.join(folder, "classnames.txt"), "w") as f:
+            f.writelines(f"{w} {name}\n" for w, name in IMAGENET_CLASSES)
+    _write_images(os.path.join(folders["imagenet"], "images", "train"), wnids, 3, suffix=".JPEG")
+    _write_images(os.path.join(folders["imagenet"], "images", "val"), wnids, 2, suffix=".JPEG")
+    _write_images(os.path.join(folders["imagenet-sketch"], "images"), wnids, 1, suffix=".JPEG")
+    _write_images(os.path.join(folders["imagenet-r"], "imagenet-r"), wnids[1:], 2, suffix=".jpg")  # a subset
+    with open(os.path.join(folders["imagenet-r"], "imagenet-r", "README.txt"), "w") as f:
+        f.write("200 classes of ImageNet\n")
+    _write_images(os.path.join(folders["imagenetv2"], "imagenetv2-matched-frequency-format-val"), ["0", "1", "2"], 1,
+                  suffix=".jpeg")
+    return folders
+
+
+def test_imagenet_family_layouts_are_read_with_their_class_names(tmp_path):
+    folders = _write_imagenet_family(str(tmp_path))
+    names = [name for _, name in IMAGENET_CLASSES]
+
+    imagenet = read_dataset(folders["imagenet"])
+    assert imagenet.classnames == names and imagenet.val == []
+    assert len(imagenet.train) == 9 and len(imagenet.test) == 6  # ImageNet's val folder is the test set
+    for split, count in ((imagenet.train, 3), (imagenet.test, 2)):
+        for label, (wnid, name) in enumerate(IMAGENET_CLASSES):
+            mine = [r for r in split if f"/{wnid}/" in r.path]
+            assert len(mine) == count and {(r.label, r.classname) for r in mine} == {(label, name)}
+    assert "/images/val/" in imagenet.test[0].path
+
+    sketch = read_dataset(folders["imagenet-sketch"])
+    assert sketch.classnames == names and sketch.train == []
+    assert sorted((r.label, r.classname) for r in sketch.test) == list(enumerate(names))
+
+    subset = read_dataset(folders["imagenet-r"])  # -A / -R: the classes present, relabelled from 0
+    assert subset.classnames == ["goldfish", "great white shark"] and len(subset.test) == 4
+    assert {(r.label, r.classname, os.path.basename(os.path.dirname(r.path))) for r in subset.test} == {
+        (0, "goldfish", "n01443537"), (1, "great white shark", "n01484850")}
+
+    v2 = read_dataset(folders["imagenetv2"])  # folders are the labels
+    assert v2.classnames == names
+    assert sorted((r.label, r.classname, os.path.basename(os.path.dirname(r.path))) for r in v2.test) == [
+        (i, name, str(i)) for i, name in enumerate(names)]
+
+    task = build_task(Trainer(TrainConfig(**SMALL, output=str(tmp_path / "x"))).clip_model, folders["imagenet"],
+                      shots=2)
+    assert task.classnames == names and len(task.train) == 6 and len(task.evaluations["test"][0]) == 6
+
+
+def test_imagenet_family_bad_layouts_get_clear_messages(tmp_path):
+    folders = _write_imagenet_family(str(tmp_path))
+    with pytest.raises(DataError, match="holds no training images: an evaluation-only dataset"):
+        Trainer(TrainConfig(**SMALL, data=folders["imagenet-sketch"], output=str(tmp_path / "run")))
+    os.remove(os.path.join(folders["imagenet-sketch"], "classnames.txt"))
+    with pytest.raises(DataError, match="named by wnid but .* has no classnames.txt"):
+        read_dataset(folders["imagenet-sketch"])
+    with open(os.path.join(folders["imagenet-r"], "classnames.txt"), "a") as f:
+        f.write("n01491361\n")
+    with pytest.raises(DataError, match=r"classnames.txt:4: expected '<wnid> <class name>'"):
+        read_dataset(folders["imagenet-r"])
+    with open(os.path.join(folders["imagenet"], "classnames.txt"), "w") as f:
+        f.write("n01440764 tench\n")
+    with pytest.raises(DataError, match="class folders .*n01443537.* that .*classnames.txt does not list"):
+        read_dataset(folders["imagenet"])
 
 
 def test_k_shot_sampling_is_deterministic_and_never_exceeds_k():

@@ -1,5 +1,6 @@
-"""Data for the training harness: the built-in procedural dataset, datasets on disk (split_*.json or
-ImageFolder), K-shot sampling, the base / new split, and CLIP preprocessing taken from the model."""
+"""Data for the training harness: the built-in procedural dataset, datasets on disk (split_*.json,
+ImageNet-family folders or ImageFolder), K-shot sampling, the base / new split, and CLIP preprocessing taken
+from the model."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
-from .records import (DataError, Record, RecordSplits, few_shot, read_dataset, read_image_folder, read_split_json,
-                      subsample_classes)
+from .records import (DataError, Record, RecordSplits, few_shot, read_classnames_file, read_dataset, read_image_folder,
+                      read_imagenet_family, read_split_json, subsample_classes)
 from .synthetic import SyntheticShapes
 
 
@@ -158,6 +159,6 @@ def _subsample_synthetic(train, test, names, subsample, seed):
                     f"built-in shapes, {subsample} classes, seed {seed}")
 
 
-__all__ = ["DataError", "Record", "RecordDataset", "augmentation_seed", "RecordSplits", "SyntheticShapes", "TaskData", "build_task",
-           "clip_normalize", "clip_transforms", "few_shot", "read_dataset", "read_image_folder", "read_split_json",
-           "subsample_classes"]
+__all__ = ["DataError", "Record", "RecordDataset", "RecordSplits", "SyntheticShapes", "TaskData", "augmentation_seed",
+           "build_task", "clip_normalize", "clip_transforms", "few_shot", "read_classnames_file", "read_dataset",
+           "read_image_folder", "read_imagenet_family", "read_split_json", "subsample_classes"]

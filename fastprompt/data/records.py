@@ -6,6 +6,11 @@ split_*.json (CoOp's 11 datasets): {"train": [[relative image path, label, class
 "test": [...]}; the paths are relative to the dataset's image folder (for example `images/` or `jpg/`),
 found here by trying the folder itself and its subfolders.
 ImageFolder: DIR/{train,val,test}/<class>/<image>, or DIR/<class>/<image> split by a seeded draw.
+ImageNet family (CoOp's layout): DIR/classnames.txt ("<wnid> <class name>" per line, the 1000 classes in label
+order) beside the images: ImageNet's DIR/images/{train,val}/<wnid>/ (val is the test set), and the
+evaluation-only variants: ImageNet-Sketch DIR/images/<wnid>/, ImageNet-A and -R DIR/imagenet-a/<wnid>/ and
+DIR/imagenet-r/<wnid>/ (200 of the classes: the run's classes are the folders present, in classnames.txt
+order), ImageNet-V2 DIR/imagenetv2-matched-frequency-format-val/<label 0-999>/.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -116,9 +122,102 @@ def read_image_folder(root: str, seed: int = 1, test_fraction: float = 0.2) -> R
     return RecordSplits(train, [], test, [c.replace("_", " ") for c in groups])
 
 
+WNID = re.compile(r"^n\d{8}$")
+CLASSNAMES_FILE = "classnames.txt"
+
+
+def read_classnames_file(path: str) -> list:
+    """CoOp's ImageNet classnames.txt: [(wnid, class name), ...] in label order."""
+    entries, seen = [], set()
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            wnid, _, name = line.partition(" ")
+            if not WNID.match(wnid) or not name.strip():
+                raise DataError(f"{path}:{number}: expected '<wnid> <class name>' (such as 'n01440764 tench'), "
+                                f"got {line!r}")
+            if wnid in seen:
+                raise DataError(f"{path}:{number}: {wnid} is listed twice")
+            seen.add(wnid)
+            entries.append((wnid, name.strip()))
+    if not entries:
+        raise DataError(f"{path} lists no classes")
+    return entries
+
+
+def _subfolders(folder: str) -> list:
+    return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+
+
+def _class_folder_kind(folder: str) -> Optional[str]:
+    """"wnid" or "label" when every subfolder of `folder` is named so (files such as a README are ignored)."""
+    names = _subfolders(folder)
+    if names and all(WNID.match(n) for n in names):
+        return "wnid"
+    if names and all(n.isdigit() for n in names):
+        return "label"
+    return None
+
+
+def _imagenet_records(folder: str, kind: str, entries: list, path: str) -> tuple[list, list]:
+    """Records of one folder of class folders and the class names their labels index."""
+    wnids = [w for w, _ in entries]
+    present = _subfolders(folder)
+    if kind == "label":  # ImageNet-V2: folders are the labels of the 1000 classes
+        labels = {d: int(d) for d in present}
+        wrong = [d for d, y in labels.items() if y >= len(entries)]
+        if wrong:
+            raise DataError(f"{folder} has class folders {wrong[:5]} beyond the {len(entries)} classes of {path}")
+        classnames = [name for _, name in entries]
+    else:
+        unknown = sorted(set(present) - set(wnids))
+        if unknown:
+            raise DataError(f"{folder} has class folders {unknown[:5]} that {path} does not list")
+        kept = [w for w in wnids if w in set(present)]  # a subset (ImageNet-A / -R): relabelled in list order
+        labels = {w: i for i, w in enumerate(kept)}
+        names = dict(entries)
+        classnames = [names[w] for w in kept]
+    records = []
+    for d in present:
+        files = sorted(f for f in os.listdir(os.path.join(folder, d)) if f.lower().endswith(IMAGE_SUFFIXES))
+        records += [Record(os.path.join(folder, d, f), labels[d], classnames[labels[d]]) for f in files]
+    return records, classnames
+
+
+def read_imagenet_family(root: str) -> RecordSplits:
+    """ImageNet or one of its variants in CoOp's layout (module docstring). ImageNet gives train and test (its
+    val folder); a variant gives test only, its classes those of its folders."""
+    path = os.path.join(root, CLASSNAMES_FILE)
+    entries = read_classnames_file(path)
+    images = os.path.join(root, "images")
+    if os.path.isdir(os.path.join(images, "train")):
+        if not os.path.isdir(os.path.join(images, "val")):
+            raise DataError(f"{images} has train/ but no val/ (ImageNet's val images are the test set)")
+        for split in ("train", "val"):
+            if _class_folder_kind(os.path.join(images, split)) != "wnid":
+                raise DataError(f"{images}/{split} must hold one folder per class named by its wnid (n01440764/...)")
+        train, classnames = _imagenet_records(os.path.join(images, "train"), "wnid", entries, path)
+        test, test_names = _imagenet_records(os.path.join(images, "val"), "wnid", entries, path)
+        if test_names != classnames:
+            raise DataError(f"{images}/train and {images}/val hold different classes")
+        return RecordSplits(train, [], test, classnames)
+    candidates = [images, root] + [os.path.join(root, d) for d in _subfolders(root) if d != "images"]
+    for folder in candidates:
+        kind = _class_folder_kind(folder) if os.path.isdir(folder) else None
+        if kind:
+            test, classnames = _imagenet_records(folder, kind, entries, path)
+            return RecordSplits([], [], test, classnames)
+    raise DataError(f"{root} has {CLASSNAMES_FILE} but no images in an ImageNet layout: expected images/train/<wnid>/ "
+                    "and images/val/<wnid>/ (ImageNet), or one folder of <wnid>/ (Sketch, -A, -R) or <label>/ "
+                    "(ImageNet-V2) class folders")
+
+
 def read_dataset(root: str, split_file: Optional[str] = None, image_dir: Optional[str] = None,
                  seed: int = 1) -> RecordSplits:
-    """A dataset directory: its split_*.json when it has one (or `split_file`), else an ImageFolder tree."""
+    """A dataset directory: its split_*.json when it has one (or `split_file`), else an ImageNet-family folder
+    when it has classnames.txt, else an ImageFolder tree."""
     if not os.path.isdir(root):
         raise DataError(f"the data directory {root!r} does not exist")
     if split_file is None:
@@ -128,6 +227,13 @@ def read_dataset(root: str, split_file: Optional[str] = None, image_dir: Optiona
         split_file = os.path.join(root, found[0]) if found else None
     if split_file:
         return read_split_json(split_file, image_dir)
+    if os.path.isfile(os.path.join(root, CLASSNAMES_FILE)):
+        return read_imagenet_family(root)
+    wnid_folders = [f for f in [root] + [os.path.join(root, d) for d in _subfolders(root)]
+                    if _class_folder_kind(f) == "wnid"]
+    if wnid_folders:  # an ImageNet variant without its class names would train on "n01440764" as a name
+        raise DataError(f"{wnid_folders[0]} has class folders named by wnid but {root} has no {CLASSNAMES_FILE}: "
+                        "copy ImageNet's classnames.txt ('<wnid> <class name>' per line) into it")
     return read_image_folder(root, seed)
 
 

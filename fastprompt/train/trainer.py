@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .. import backends, methods
 from ..clip import create_clip
-from ..data import build_task
+from ..data import DataError, build_task
 from ..methods.distributed import local_only
 from .config import TrainConfig
 from .metrics import MetricsLog
@@ -162,6 +162,9 @@ class Trainer:
         self.task = build_task(self.clip_model, config.data, shots=config.shots, seed=config.seed,
                                subsample=config.subsample, split_file=config.split_file,
                                image_dir=config.image_dir, synthetic_classes=config.synthetic_classes)
+        if len(self.task.train) == 0:
+            raise DataError(f"{config.data} holds no training images: an evaluation-only dataset (ImageNet-V2, "
+                            "-Sketch, -A, -R) is a target of the transfer protocols (--targets), not a training set")
         self.method_config = method_config(config)
         self.method = methods.build(config.method, self.clip_model, self.task.classnames,
                                     **{**self.method_config, "backend": config.backend}).to(self.device)
