@@ -5,8 +5,10 @@ are cut at EOT and packed, (total_tokens, D) with cumulative lengths, and every 
 projections, MLP: nearly all the work) runs on the packed tokens only. Positional embeddings are taken at each
 token's true position. Attention, a small part of the work at these lengths, runs on a padded view of the same
 tokens with a causal mask: causality also keeps the padding out of every real token's keys, so the result is
-exact. (Measured on a 2-core CPU, 200 sequences of 3 to 15 tokens, 8 heads of 64: padded SDPA 8-18 ms;
-FlexAttention with a document mask, eager, 1.06 s; torch's varlen_attn is CUDA-only. See benches/results/.)
+exact. (benches/text_attention_variants.py, 2-core CPU, one block's attention over 200 CoOp sequences cut at
+EOT: padded SDPA 7-17 ms forward; FlexAttention with a document mask 47-180x slower eager, 1.6-2.5x slower
+compiled, and no backward on the CPU; torch's varlen_attn has no CPU kernel; a per-sequence loop is 5-8x slower
+forward + backward. benches/results/text-tower-cpu.md; the GPU comparison is part of benches/gpu_check.sh.)
 
 Shared prefix: when the first P tokens of every sequence of a group are identical at the input and the rows
 the method rewrites in them are rewritten identically for the group, their hidden states are identical at
