@@ -4,6 +4,7 @@ on disk, K-shot sampling, base / new split, bad input, plots, protocols, the ste
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -366,6 +367,55 @@ def test_a_protocol_runs_end_to_end_on_the_builtin_data(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| | base | new | hm |" in text and "±" in text
     assert os.path.exists(os.path.join(out, "summary.md"))
+
+
+def _summary_table(text: str) -> tuple[list, dict]:
+    """The markdown table of a protocol's summary: (columns, {row: [cells]})."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    columns = [c.strip() for c in lines[0].strip("|").split("|")][1:]
+    rows = {}
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return columns, rows
+
+
+def _final_top1(run: str) -> float:
+    return [r for r in read_metrics(run) if r["kind"] == "eval"][-1]["top1_test"]
+
+
+def test_fewshot_cross_dataset_and_domain_generalization_run_end_to_end(tmp_path, capsys):
+    """Each recipe over two seeds with the tiniest settings: its summary table (printed and in summary.md) has
+    the recipe's rows and columns, every cell mean ± std over the seeds, the source / K-shot cells those of
+    the runs' own final evaluations. Domain generalisation: tiny ImageNet to its Sketch, -R and -V2 layouts."""
+    folders = _write_imagenet_family(str(tmp_path / "data"))
+    tiny = ["--method", "coop", "--opt", "n_ctx=2", "--epochs", "1", "--batch-size", "4", "--eval-every", "0",
+            "--seeds", "1", "2", "--no-progress"]
+    cases = {
+        "fewshot": (["--shots-list", "1", "2"], ["top-1"], ["1 shots", "2 shots"]),
+        "cross_dataset": (["--shots", "2"], ["source", "shapes, other seed"], ["coop"]),
+        "domain_generalization": (["--data", folders["imagenet"], "--shots", "2", "--targets",
+                                   folders["imagenet-sketch"], folders["imagenet-r"], folders["imagenetv2"]],
+                                  ["source", "imagenet-sketch", "imagenet-r", "imagenetv2"], ["coop"]),
+    }
+    for protocol, (args, columns, rows) in cases.items():
+        out = str(tmp_path / protocol)
+        assert cli.main(["run", protocol, *tiny, *args, "--output", out]) == 0, protocol
+        printed = capsys.readouterr().out
+        with open(os.path.join(out, "summary.md")) as f:
+            summary = f.read()
+        assert summary.strip() in printed and summary.startswith(f"{protocol}: coop on ")
+        got_columns, got_rows = _summary_table(summary)
+        assert got_columns == columns and list(got_rows) == rows, (protocol, summary)
+        for row, cells in got_rows.items():
+            for column, cell in zip(columns, cells):
+                mean, std = (float(x) for x in cell.split(" ± "))
+                assert 0 <= mean <= 100 and std >= 0, (protocol, row, column, cell)
+                if column in ("top-1", "source"):
+                    runs = [os.path.join(out, f"{row.split()[0]}shot-seed{seed}" if protocol == "fewshot"
+                                         else f"seed{seed}") for seed in (1, 2)]
+                    values = [_final_top1(run) for run in runs]
+                    assert cell == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}", (protocol, row)
 
 
 def test_bench_reports_images_per_second_and_a_profile(capsys):
