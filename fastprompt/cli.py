@@ -13,6 +13,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import os
 import sys
 
 
@@ -24,10 +25,12 @@ def _value(text: str):
 
 
 def _options(pairs) -> dict:
+    from .train.config import ConfigError
+
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"--opt takes key=value, got {pair!r}")
+            raise ConfigError(f"--opt takes key=value, got {pair!r}")
         key, value = pair.split("=", 1)
         out[key.strip()] = _value(value.strip())
     return out
@@ -56,7 +59,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default=d.device)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--output", default=d.output)
+    p.add_argument("--output", default=d.output, help="the run's folder; an existing run there is resumed "
+                   "(default: a fresh runs/<method>-<time>, runs/latest pointing to it)")
     p.add_argument("--deterministic", action="store_true")
     p.add_argument("--no-resume", dest="resume", action="store_false")
     p.add_argument("--workers", dest="num_workers", type=int, default=d.num_workers)
@@ -74,7 +78,31 @@ def _config(args):
     return TrainConfig(**values)
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message of a harness error on one line. An error raised in a DataLoader worker comes back wrapped
+    with the worker's traceback in its message: its last line holds the original 'Type: message'."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
 def main(argv=None) -> int:
+    """Run the command; input the harness rejects (its DataError, ConfigError, BackendUnavailableError) is
+    printed as one line `error: ...` with exit status 2, anything else keeps its traceback (a bug)."""
+    from .backends import BackendUnavailableError
+    from .data import DataError
+    from .train.config import ConfigError
+
+    try:
+        return _main(argv)
+    except (DataError, ConfigError, BackendUnavailableError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastprompt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -120,21 +148,26 @@ def main(argv=None) -> int:
     if args.command == "train":
         from .train import Trainer
 
-        config = _config(args)
-        trainer = Trainer(config, stop_after=args.stop_after)
+        trainer = Trainer(_config(args), stop_after=args.stop_after)
+        config = trainer.config  # with its output folder resolved
         say = print if trainer.rank == 0 else (lambda *a, **k: None)
         say(f"fastprompt train: {config.method} on {trainer.task.description}; {config.model} on "
             f"{trainer.device} x{trainer.world}; output {config.output}", flush=True)
         results = trainer.fit()
+        if trainer.resumed and not trainer.steps_run:
+            say(f"{config.output} holds a finished run: nothing to train (its last evaluation follows)")
         say("top-1: " + ", ".join(f"{k} {v:.2f}%" for k, v in results.items()) if results else "stopped early")
         say(f"metrics: {config.output}/metrics.jsonl  checkpoint: {config.output}/checkpoint.pt")
         return 0
     if args.command == "eval":
-        from .train import Trainer, TrainConfig
+        from .train import ConfigError, Trainer, TrainConfig
 
         import torch
 
-        state = torch.load(f"{args.run}/checkpoint.pt", map_location="cpu", weights_only=False)
+        path = os.path.join(args.run, "checkpoint.pt")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{args.run} holds no checkpoint.pt: eval takes the output folder of a run")
+        state = torch.load(path, map_location="cpu", weights_only=False)
         config = TrainConfig.from_dict({**json.loads(state["config"]), "output": args.run, "resume": True})
         trainer = Trainer(config)
         trainer.load_checkpoint()

@@ -4,6 +4,7 @@ on disk, K-shot sampling, base / new split, bad input, plots, protocols, the ste
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -328,6 +329,68 @@ def test_bad_input_gets_clear_messages(tmp_path):
     _write_images(str(tmp_path / "bad" / "test"), ["cat", "dog"], 1)
     with pytest.raises(DataError, match="cannot read image .*broken.png"):  # shots 0: every training image
         train(TrainConfig(**{**SMALL, "shots": 0}, data=str(tmp_path / "bad"), output=str(tmp_path / "d")))
+
+
+def test_cli_reports_bad_input_in_one_line_and_keeps_tracebacks_for_bugs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # default outputs go to ./runs
+    _write_images(str(tmp_path / "few"), ["cat", "dog"], 3)
+    _write_images(str(tmp_path / "bad" / "train"), ["cat", "dog"], 2, corrupt="broken.png")
+    _write_images(str(tmp_path / "bad" / "test"), ["cat", "dog"], 1)
+    tiny = ["--method", "coop", "--epochs", "1", "--no-progress"]
+    cases = [
+        (["train", "--data", "nowhere"], r"the data directory 'nowhere' does not exist"),
+        (["train", "--method", "dcpp"], r"unknown method 'dcpp'; methods are coop, "),
+        (["train", *tiny, "--opt", "nope=1"], r"coop has no option nope; its options are n_ctx="),
+        (["train", *tiny, "--opt", "n_ctx"], r"--opt takes key=value, got 'n_ctx'"),
+        (["train", *tiny, "--data", "few", "--shots", "4"], r"class 'cat' has 2 training images, fewer than the 4"),
+        (["train", *tiny, "--data", "bad", "--shots", "0", "--workers", "2"],  # raised in a DataLoader worker
+         r"^error: cannot read image \S*broken.png \(class 'cat'\): cannot identify image file"),
+        (["eval", "norun"], r"norun holds no checkpoint.pt"),
+        (["run", "fiveshot"], r"unknown protocol 'fiveshot'"),
+        (["plot", "norun"], r"no metrics in norun"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, (argv, captured.err)
+        assert re.search(message, captured.err) and "Traceback" not in captured.err, (argv, captured.err)
+    # the input was checked before a run folder was made: only the run that failed on its data has one
+    assert [name.split("-")[0] for name in sorted(os.listdir("runs")) if name != "latest"] == ["coop"]
+
+    def bug(self):
+        raise RuntimeError("a genuine bug")
+
+    monkeypatch.setattr(Trainer, "fit", bug)
+    with pytest.raises(RuntimeError, match="a genuine bug"):
+        cli.main(["train", *tiny])
+
+
+def test_default_output_is_a_fresh_run_and_only_an_explicit_output_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tiny = ["train", "--method", "coop", "--opt", "n_ctx=2", "--epochs", "1", "--shots", "2", "--no-progress"]
+
+    def folders():
+        return sorted(name for name in os.listdir("runs") if name != "latest")
+
+    assert cli.main(tiny) == 0
+    first = folders()
+    assert len(first) == 1 and first[0].startswith("coop-") and os.readlink("runs/latest") == first[0]
+    assert cli.main(tiny) == 0  # the same command again: a new run, not a silent "resume" of the finished one
+    second = [name for name in folders() if name not in first]
+    assert len(second) == 1 and os.readlink("runs/latest") == second[0]
+    assert "finished run" not in capsys.readouterr().out and len(_losses(os.path.join("runs", second[0]))) == 1
+    assert cli.main([*tiny, "--method", "dcp", "--opt", "depth=1"]) == 0  # another method needs no new --output
+    assert os.readlink("runs/latest").startswith("dcp-") and len(folders()) == 3
+
+    latest = os.path.join("runs", second[0])
+    before = read_metrics(latest)
+    capsys.readouterr()
+    assert cli.main([*tiny, "--output", latest]) == 0  # named: resumed, and it is finished
+    assert "holds a finished run: nothing to train" in capsys.readouterr().out
+    assert read_metrics(latest) == before
+    assert cli.main([*tiny, "--output", latest, "--lr", "0.5", "--shots", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with other settings (shots: 2 -> 1; lr: 0.02 -> 0.5)" in err and "--no-resume" in err
 
 
 def test_training_on_an_image_folder(tmp_path):

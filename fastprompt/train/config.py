@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import time
 from dataclasses import dataclass
 from typing import Optional
+
+RUNS_DIR = "runs"
+
+
+class ConfigError(ValueError):
+    """A run that cannot be done as asked (an unknown method or option, a resume with other settings, a folder
+    that is not a run); the message says what and how to fix it. `fastprompt` prints it as one line."""
 
 
 @dataclass
@@ -50,8 +59,8 @@ class TrainConfig:
     deterministic: bool = False         # deterministic algorithms during the run (trainer.deterministic_mode)
     num_workers: int = 0
     eval_every: int = 1                 # epochs between evaluations (0: only at the end)
-    output: str = "runs/latest"
-    resume: bool = True                 # continue from output/checkpoint.pt when it exists
+    output: Optional[str] = None        # None: a fresh runs/<method>-<time>, with runs/latest pointing to it
+    resume: bool = True                 # continue from output/checkpoint.pt when `output` names a run
     progress: bool = True
 
     def to_json(self) -> str:
@@ -62,5 +71,45 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown training options {unknown}; options are {sorted(known)}")
+            raise ConfigError(f"unknown training options {unknown}; options are {sorted(known)}")
         return cls(**values)
+
+
+# What a resumed run must share with the run it continues: everything that changes its trajectory. The rest
+# (output, device, backend, workers, evaluation, progress, max_steps, deterministic) may differ.
+RESUME_KEYS = ("method", "model", "pretrained", "method_config", "data", "split_file", "image_dir", "shots",
+               "subsample", "synthetic_classes", "epochs", "batch_size", "lr", "optimizer", "momentum",
+               "weight_decay", "warmup_epochs", "warmup_lr", "precision", "seed")
+
+
+def config_differences(saved: TrainConfig, asked: TrainConfig) -> list:
+    """The options (RESUME_KEYS) on which a resume differs from the saved run, as 'key: saved -> asked'."""
+    return [f"{key}: {getattr(saved, key)!r} -> {getattr(asked, key)!r}" for key in RESUME_KEYS
+            if getattr(saved, key) != getattr(asked, key)]
+
+
+def fresh_output(stem: str, parent: str = RUNS_DIR) -> str:
+    """Create and return a new run folder parent/<stem>-<YYYYmmdd-HHMMSS>[-n], and point parent/latest at it
+    (a symbolic link, replaced atomically; skipped where links cannot be made). A default run therefore never
+    resumes, or collides with, an earlier one: only an explicit --output names a run to resume."""
+    os.makedirs(parent, exist_ok=True)
+    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 1000):
+        name = base if n == 1 else f"{base}-{n}"
+        try:
+            os.mkdir(os.path.join(parent, name))
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise ConfigError(f"could not create a fresh run folder {base} in {parent}")
+    latest, tmp = os.path.join(parent, "latest"), os.path.join(parent, f".latest-{os.getpid()}")
+    try:
+        if os.path.lexists(latest) and not os.path.islink(latest):
+            pass  # a real folder called latest (an old default run): left alone
+        else:
+            os.symlink(name, tmp)
+            os.replace(tmp, latest)
+    except OSError:
+        pass
+    return os.path.join(parent, name)

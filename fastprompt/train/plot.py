@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from .config import ConfigError
 from .metrics import read_metrics
 
 
@@ -21,13 +22,17 @@ def plot_runs(runs: list, output: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    missing = [run for run in runs if not os.path.isfile(os.path.join(run, "metrics.jsonl") if os.path.isdir(run)
+                                                         else run)]
+    if missing:
+        raise ConfigError(f"no metrics in {', '.join(missing)}: plot takes run folders (or their metrics.jsonl)")
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for run in runs:
         records = read_metrics(run)
         steps = [r for r in records if r.get("kind") == "step"]
         evals = [r for r in records if r.get("kind") == "eval"]
         if not steps:
-            raise ValueError(f"{run} holds no step records")
+            raise ConfigError(f"{run} holds no step records")
         label = _label(run, records)
         for col, x in enumerate(("step", "wall_s")):
             axes[0, col].plot([r[x] for r in steps], [r["loss"] for r in steps], label=label)

@@ -18,7 +18,7 @@ import os
 import statistics
 from typing import Optional
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig, fresh_output
 from .trainer import Trainer
 
 PROTOCOLS = ("base2new", "fewshot", "cross_dataset", "domain_generalization")
@@ -44,8 +44,12 @@ def run_protocol(name: str, config: TrainConfig, seeds=(1, 2, 3), targets: Optio
     """Run protocol `name` from the base `config` (its output folder holds one folder per run); returns the
     markdown summary table and the raw numbers {row: {column: [value per seed]}}."""
     if name not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {name!r}; protocols are {', '.join(PROTOCOLS)}")
+        raise ConfigError(f"unknown protocol {name!r}; protocols are {', '.join(PROTOCOLS)}")
     root = config.output
+    if root is None:  # a fresh runs/<protocol>-<method>-<time>: every rank must name the same one itself
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("under torchrun a protocol needs an explicit --output (the same on every rank)")
+        root = fresh_output(f"{name}-{config.method}")
     rows: dict = {}
     if name == "base2new":
         for seed in seeds:

@@ -17,6 +17,7 @@ run's training and evaluation and restores the process's settings afterwards (`d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -34,8 +35,19 @@ from .. import backends, methods
 from ..clip import create_clip
 from ..data import DataError, build_task
 from ..methods.distributed import local_only
-from .config import TrainConfig
-from .metrics import MetricsLog
+from .config import ConfigError, TrainConfig, config_differences, fresh_output
+from .metrics import MetricsLog, read_metrics
+
+
+def _check_method(config: TrainConfig) -> None:
+    """The method and its options exist (before anything is built or written)."""
+    if config.method not in methods.METHODS:
+        raise ConfigError(f"unknown method {config.method!r}; methods are {', '.join(methods.METHODS)}")
+    known = methods.options(config.method)
+    unknown = sorted(set(config.method_config or {}) - set(known))
+    if unknown:
+        raise ConfigError(f"{config.method} has no option {', '.join(unknown)}; its options are "
+                          + ", ".join(f"{k}={v!r}" for k, v in known.items() if k != "backend"))
 
 
 def method_config(config: TrainConfig) -> dict:
@@ -54,7 +66,7 @@ def resolve_optimizer(config: TrainConfig) -> str:
     """The optimizer a run uses: as asked, or for "auto" the field's SGD, and AdamW on the built-in data with
     random CLIP weights (TrainConfig says why)."""
     if config.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {config.optimizer!r}; optimizers are {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"unknown optimizer {config.optimizer!r}; optimizers are {', '.join(OPTIMIZERS)}")
     if config.optimizer != "auto":
         return config.optimizer
     return "adamw" if config.data is None and not config.pretrained else "sgd"
@@ -158,7 +170,11 @@ class Trainer:
         self.stop_after = stop_after  # epochs to run in this invocation (a job with a time limit)
         self._setup_distributed()
         self._seed_everything(config.seed)
-        self.clip_model = create_clip(config.model, config.pretrained, seed=config.seed)
+        _check_method(config)
+        try:
+            self.clip_model = create_clip(config.model, config.pretrained, seed=config.seed)
+        except (ValueError, RuntimeError) as exc:  # an unknown model name, weights that do not load
+            raise ConfigError(f"cannot create the CLIP {config.model!r}: {exc}") from exc
         self.task = build_task(self.clip_model, config.data, shots=config.shots, seed=config.seed,
                                subsample=config.subsample, split_file=config.split_file,
                                image_dir=config.image_dir, synthetic_classes=config.synthetic_classes)
@@ -166,8 +182,11 @@ class Trainer:
             raise DataError(f"{config.data} holds no training images: an evaluation-only dataset (ImageNet-V2, "
                             "-Sketch, -A, -R) is a target of the transfer protocols (--targets), not a training set")
         self.method_config = method_config(config)
-        self.method = methods.build(config.method, self.clip_model, self.task.classnames,
-                                    **{**self.method_config, "backend": config.backend}).to(self.device)
+        try:
+            self.method = methods.build(config.method, self.clip_model, self.task.classnames,
+                                        **{**self.method_config, "backend": config.backend}).to(self.device)
+        except ValueError as exc:  # the methods validate their options with ValueError (depth, n_ctx, ...)
+            raise ConfigError(f"{config.method} with options {self.method_config}: {exc}") from exc
         self.precision = self._precision()
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == torch.float16 else None
         groups = self.method.trainable_parameters()
@@ -188,6 +207,8 @@ class Trainer:
                 self.step_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False, find_unused_parameters=True)
         self.sampler = EpochPermutation(len(self.task.train), config.seed, self.rank, self.world)
+        if config.output is None:  # created last, once everything above has accepted the configuration
+            self.config = config = dataclasses.replace(config, output=self._fresh_output())
         self.log = MetricsLog(os.path.join(config.output, "metrics.jsonl"), enabled=self.rank == 0)
         self.checkpoint_path = os.path.join(config.output, "checkpoint.pt")
         self.epoch, self.step = 0, 0
@@ -207,6 +228,13 @@ class Trainer:
             self.device = torch.device(self.config.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+
+    def _fresh_output(self) -> str:
+        """A new run folder (config.fresh_output), made by rank 0 and shared with the other ranks."""
+        name = [fresh_output(self.config.method) if self.rank == 0 else None]
+        if self.world > 1:
+            dist.broadcast_object_list(name, src=0)
+        return name[0]
 
     def _seed_everything(self, seed: int) -> None:
         random.seed(seed)
@@ -253,11 +281,11 @@ class Trainer:
             return False
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
         saved = TrainConfig.from_dict(json.loads(state["config"]))
-        for key in ("method", "model", "data", "shots", "seed", "epochs", "batch_size", "method_config",
-                    "optimizer"):
-            if getattr(saved, key) != getattr(self.config, key):
-                raise ValueError(f"{self.checkpoint_path} was written with {key}={getattr(saved, key)!r}, this run "
-                                 f"has {getattr(self.config, key)!r}: use another output directory or resume=False")
+        differences = config_differences(saved, self.config)
+        if differences:
+            raise ConfigError(f"{self.config.output} holds a run with other settings ({'; '.join(differences)}): "
+                              "to resume it pass its settings; for a new run leave out --output or name a new "
+                              "folder; to start it over pass --no-resume")
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state["scaler"]:
@@ -333,7 +361,8 @@ class Trainer:
 
     def _fit(self) -> dict:
         config = self.config
-        resumed = self.load_checkpoint()
+        self.resumed = resumed = self.load_checkpoint()
+        self.steps_run = 0
         start_epoch = self.epoch + 1 if resumed else 0
         if not resumed:
             self.log.reset()
@@ -370,6 +399,7 @@ class Trainer:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
+                self.steps_run += 1
                 accuracy = (logits.argmax(-1) == labels).float().mean().item() * 100
                 loss_v, acc_v = self._mean_over_ranks(loss.item(), accuracy)
                 seconds = time.perf_counter() - t0
@@ -388,7 +418,17 @@ class Trainer:
             self.save_checkpoint()
             if config.max_steps and self.step >= config.max_steps:
                 break
-        return last_eval
+        return last_eval if self.steps_run or not resumed else self.logged_evaluation()
+
+    def logged_evaluation(self) -> dict:
+        """The last evaluation in the run's metrics (what fit() returned when it ran), {} when there is none."""
+        if not (self.log.enabled and os.path.exists(self.log.path)):
+            return {}
+        evals = [r for r in read_metrics(self.log.path) if r.get("kind") == "eval"]
+        if not evals:
+            return {}
+        return {k[len("top1_"):] if k.startswith("top1_") else k: v for k, v in evals[-1].items()
+                if k.startswith("top1_") or k == "hm"}
 
     def _evaluate_and_log(self, epoch: int, wall: float) -> dict:
         results = {}
