@@ -9,8 +9,16 @@
 #   3. the op timings (benches/gpu_check.py --only ops), each result written as soon as it exists
 #   4. the text-tower figures and the packed path's attention variants (--only text attention), own limit
 #   5. the tables, printed last
-# Everything lands in $OUT (the device tool's folder) or benches/results/local.
+# Everything lands in $OUT (the device tool's folder) or benches/results/local. The whole run stays under
+# TOTAL_LIMIT seconds (default 470: under 8 minutes, inside the device tool's 10-minute call): each phase gets
+# its own limit or what is left, whichever is smaller, and writes what it has as it goes.
 set -uo pipefail
+t0=$(date +%s)
+left() {  # seconds a phase may take: its own limit, or what is left of the total
+  local rest=$(( ${TOTAL_LIMIT:-470} - ($(date +%s) - t0) ))
+  (( rest < 10 )) && rest=10
+  (( $1 < rest )) && echo "$1" || echo "$rest"
+}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benches/results/local}
 mkdir -p "$OUT"
@@ -34,19 +42,22 @@ fi
 python3 -m fastprompt info > "$OUT/info.txt" 2>&1; grep -E "extension|CUDA devices" "$OUT/info.txt"
 
 echo "== GPU tests"
-timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -k "cuda" tests \
+# -v: one line per test as it ends, so a run cut short by its limit still says what passed and what failed
+timeout "$(left "${TEST_TIMEOUT:-200}")" python3 -m pytest -v --tb=short -p no:cacheprovider -k "cuda" tests \
   --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
-echo "pytest exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30; tail -2 "$OUT/tests.log"
+echo "pytest exit $? (124: cut at its limit)"; grep -E "(FAILED|ERROR)" "$OUT/tests.log" | head -30
+grep -cE " PASSED" "$OUT/tests.log" | sed 's/^/passed: /'; tail -2 "$OUT/tests.log"
 
 echo "== op timings"
-timeout "${BENCH_TIMEOUT:-300}" python3 benches/gpu_check.py --out "$OUT" --only ops ${GPU_CHECK_ARGS:-} \
+timeout "$(left "${BENCH_TIMEOUT:-170}")" python3 benches/gpu_check.py --out "$OUT" --only ops ${GPU_CHECK_ARGS:-} \
   > "$OUT/bench.log" 2>&1
 echo "gpu_check.py --only ops exit $?"; grep -E "FAILED|unavailable" "$OUT/bench.log" | head -20
 
 # text-tower figures, then the attention variants (FlexAttention's compiles last): each table lands in
 # results.md as soon as it is measured, so a run cut short by the limit keeps what it finished
 echo "== text tower and packed attention"
-timeout "${TEXT_TIMEOUT:-180}" python3 benches/gpu_check.py --out "$OUT" --only text attention \
+timeout "$(left "${TEXT_TIMEOUT:-90}")" python3 benches/gpu_check.py --out "$OUT" --only text attention \
   > "$OUT/text.log" 2>&1
 echo "gpu_check.py --only text attention exit $?"; grep -E "failed" "$OUT/text.log" | head -20
 cat "$OUT/results.md" 2>/dev/null
+echo "gpu_check.sh finished in $(( $(date +%s) - t0 )) s"
