@@ -88,6 +88,16 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _end_distributed() -> None:
+    """Under torchrun: wait for every rank, then close the process group (a rank that exits with gloo's
+    threads still running can abort with 'terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     """Run the command; input the harness rejects (its DataError, ConfigError, BackendUnavailableError) is
     printed as one line `error: ...` with exit status 2, anything else keeps its traceback (a bug)."""
@@ -155,9 +165,11 @@ def _main(argv=None) -> int:
             f"{trainer.device} x{trainer.world}; output {config.output}", flush=True)
         results = trainer.fit()
         if trainer.resumed and not trainer.steps_run:
-            say(f"{config.output} holds a finished run: nothing to train (its last evaluation follows)")
+            say(f"{config.output} holds a finished run (or one at --max-steps): nothing to train; its last "
+                "evaluation follows")
         say("top-1: " + ", ".join(f"{k} {v:.2f}%" for k, v in results.items()) if results else "stopped early")
         say(f"metrics: {config.output}/metrics.jsonl  checkpoint: {config.output}/checkpoint.pt")
+        _end_distributed()
         return 0
     if args.command == "eval":
         from .train import ConfigError, Trainer, TrainConfig
@@ -180,6 +192,7 @@ def _main(argv=None) -> int:
         text, _ = run_protocol(args.protocol, _config(args), seeds=args.seeds, targets=args.targets,
                                shots_list=args.shots_list)
         print(text)
+        _end_distributed()
         return 0
     if args.command == "plot":
         from .train.plot import plot_runs

@@ -51,6 +51,7 @@ def test_default_train_learns_the_builtin_shapes(tmp_path):
     assert final_eval["top1_test"] > 3 * chance_top1, final_eval
     step = next(r for r in records if r["kind"] == "step")
     assert {"step", "epoch", "loss", "accuracy", "lr", "images_per_s", "wall_s", "backend"} <= set(step)
+    assert {r["backend"] for r in steps} == {"reference"}  # what "auto" resolved to on the CPU
     assert any(r["kind"] == "eval" and "top1_test" in r for r in records)
 
 
@@ -59,10 +60,30 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     train(TrainConfig(output=straight, **SMALL))
     train(TrainConfig(output=resumed, **SMALL), stop_after=1)
     assert torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=False)["epoch"] == 0
+    saved_wall = torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=False)["wall_s"]
     train(TrainConfig(output=resumed, **SMALL))
     for key, value in _params(straight).items():
         assert torch.equal(_params(resumed)[key], value), key
     assert _losses(straight) == _losses(resumed)
+    walls = [r["wall_s"] for r in read_metrics(resumed) if r["kind"] in ("step", "eval")]
+    assert walls == sorted(walls) and walls[-1] > saved_wall > 0  # the clock continues across the resume
+
+
+def test_a_max_steps_stop_inside_an_epoch_resumes_where_it_stopped(tmp_path):
+    """SMALL has 2 steps per epoch: max_steps=3 stops in the middle of the second epoch; resuming without
+    the limit trains the rest of that epoch, as the run never stopped would."""
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    train(TrainConfig(output=straight, **SMALL))
+    train(TrainConfig(output=stopped, max_steps=3, **SMALL))
+    state = torch.load(os.path.join(stopped, "checkpoint.pt"), weights_only=False)
+    assert (state["epoch"], state["batches_done"], state["step"]) == (0, 1, 3)
+    train(TrainConfig(output=stopped, max_steps=3, **SMALL))  # the limit still holds: nothing to do
+    assert len(_losses(stopped)) == 3
+    train(TrainConfig(output=stopped, **SMALL))
+    for key, value in _params(straight).items():
+        assert torch.equal(_params(stopped)[key], value), key
+    assert _losses(stopped) == _losses(straight) and len(_losses(straight)) == 4
+    assert [r["step"] for r in read_metrics(stopped) if r["kind"] == "step"] == [1, 2, 3, 4]
 
 
 def test_an_interrupted_epoch_loses_nothing_that_was_checkpointed(tmp_path, monkeypatch):
@@ -386,7 +407,7 @@ def test_default_output_is_a_fresh_run_and_only_an_explicit_output_resumes(tmp_p
     before = read_metrics(latest)
     capsys.readouterr()
     assert cli.main([*tiny, "--output", latest]) == 0  # named: resumed, and it is finished
-    assert "holds a finished run: nothing to train" in capsys.readouterr().out
+    assert "holds a finished run (or one at --max-steps): nothing to train" in capsys.readouterr().out
     assert read_metrics(latest) == before
     assert cli.main([*tiny, "--output", latest, "--lr", "0.5", "--shots", "1"]) == 2
     err = capsys.readouterr().err

@@ -5,9 +5,11 @@ Reproducibility is by construction: the data order of epoch e is a permutation d
 same as torch's DistributedSampler, so one process with batch G·b sees, step by step, the union of what G
 ranks with batch b see), the random augmentation of a training image is drawn from (seed, epoch, index) (so
 neither the number of DataLoader workers nor of ranks changes it), the learning rate is a function of the
-epoch, and a checkpoint at the end of every epoch holds the trained tensors, the optimizer, the gradient
-scaler and every RNG state. A run stopped at any point resumes from its last checkpoint and replays the
-interrupted epoch from its start: the same parameters as a run never stopped.
+epoch, and a checkpoint at the end of every epoch (and at a max_steps stop, with the number of batches of
+the epoch already trained) holds the trained tensors, the optimizer, the gradient scaler, every RNG state
+and the training seconds so far. A run stopped at any point resumes from its last checkpoint and replays the
+interrupted epoch from its start (or from the batch where max_steps stopped it): the same parameters as a
+run never stopped, and a wall clock that continues.
 
 What that leaves to chance is the order of floating-point reductions in kernels that choose it at run time
 (cuBLAS workspaces, cuDNN autotuning, atomics). Deterministic mode (`deterministic=True`) removes it for the
@@ -74,10 +76,11 @@ def resolve_optimizer(config: TrainConfig) -> str:
 
 class EpochPermutation(Sampler):
     """This rank's share of a permutation drawn from seed + epoch (DistributedSampler's recipe, padded to a
-    multiple of the world size by repeating the head)."""
+    multiple of the world size by repeating the head), less its first `skip` indices (the part of an epoch a
+    run stopped by max_steps has already trained)."""
 
     def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
-        self.n, self.seed, self.rank, self.world, self.epoch = n, seed, rank, world, 0
+        self.n, self.seed, self.rank, self.world, self.epoch, self.skip = n, seed, rank, world, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -87,13 +90,13 @@ class EpochPermutation(Sampler):
         order = torch.randperm(self.n, generator=g).tolist()
         total = math.ceil(self.n / self.world) * self.world
         order += order[: total - self.n]
-        return order[self.rank:total:self.world]
+        return order[self.rank:total:self.world][self.skip:]
 
     def __iter__(self):
         return iter(self.indices())
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world)
+        return math.ceil(self.n / self.world) - self.skip
 
 
 def learning_rate(base: float, epoch: int, config: TrainConfig) -> float:
@@ -211,7 +214,9 @@ class Trainer:
             self.config = config = dataclasses.replace(config, output=self._fresh_output())
         self.log = MetricsLog(os.path.join(config.output, "metrics.jsonl"), enabled=self.rank == 0)
         self.checkpoint_path = os.path.join(config.output, "checkpoint.pt")
-        self.epoch, self.step = 0, 0
+        # the position: `epoch` the last epoch completed, `batches_done` batches of the next one trained (a
+        # max_steps stop), `wall_s` training seconds so far (a resumed run's clock continues from it)
+        self.epoch, self.step, self.batches_done, self.wall_s = 0, 0, 0, 0.0
 
     # ---- set-up ------------------------------------------------------------------------------------
     def _setup_distributed(self) -> None:
@@ -252,6 +257,18 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.precision)
 
+    def backend_label(self) -> str:
+        """The backend the run's ops resolve to, for the step records: one name, or op: name pairs."""
+        resolved = self.resolved_backend()
+        names = set(resolved.values())
+        return names.pop() if len(names) == 1 else ", ".join(f"{op}: {b}" for op, b in resolved.items())
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil(math.ceil(len(self.task.train) / self.world) / self.config.batch_size)
+
+    def _step_limit_reached(self) -> bool:
+        return bool(self.config.max_steps) and self.step >= self.config.max_steps
+
     def resolved_backend(self) -> dict:
         """Which backend each op runs on for this run's device (what the requested backend resolves to)."""
         problem = dict(dtype=torch.float32, m=1, dv=1, dt=1, d=1)
@@ -269,7 +286,8 @@ class Trainer:
             return
         state = {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler else None, "epoch": self.epoch,
-                 "step": self.step, "rng": _rng_state(self.device), "config": self.config.to_json(),
+                 "batches_done": self.batches_done, "step": self.step, "wall_s": self.wall_s,
+                 "rng": _rng_state(self.device), "config": self.config.to_json(),
                  "schedule": {"kind": "warmup-cosine", "epochs": self.config.epochs}}
         os.makedirs(self.config.output, exist_ok=True)
         tmp = self.checkpoint_path + ".tmp"
@@ -291,6 +309,7 @@ class Trainer:
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
+        self.batches_done, self.wall_s = state.get("batches_done", 0), state.get("wall_s", 0.0)
         _set_rng_state(state["rng"], self.device)
         self.log.truncate_after(self.step)
         return True
@@ -339,8 +358,9 @@ class Trainer:
         return results
 
     # ---- training ----------------------------------------------------------------------------------
-    def _loader(self, epoch: int) -> DataLoader:
+    def _loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
         self.sampler.set_epoch(epoch)
+        self.sampler.skip = skip_batches * self.config.batch_size
         if hasattr(self.task.train, "set_epoch"):  # augmentation drawn from (seed, epoch, index): see data.RecordDataset
             self.task.train.set_epoch(epoch)
         return DataLoader(self.task.train, batch_size=self.config.batch_size, sampler=self.sampler,
@@ -374,16 +394,19 @@ class Trainer:
                            torch=torch.__version__)
         last_eval: dict = {}
         ran = 0
-        started = time.perf_counter()
+        skip = self.batches_done if resumed else 0  # batches of start_epoch trained before a max_steps stop
+        started = time.perf_counter() - (self.wall_s if resumed else 0.0)
+        backend = self.backend_label()
         self.method.train()
         for epoch in range(start_epoch, config.epochs):
-            if self.stop_after is not None and ran >= self.stop_after:
+            if (self.stop_after is not None and ran >= self.stop_after) or self._step_limit_reached():
                 break
             for g in self.optimizer.param_groups:
                 g["lr"] = learning_rate(g["base_lr"], epoch, config)
             if hasattr(self.method, "epoch"):  # methods whose loss changes with the epoch and the run's length (DPT)
                 self.method.epoch, self.method.epochs = epoch, config.epochs
-            loader = self._loader(epoch)
+            batches = skip if epoch == start_epoch else 0
+            loader = self._loader(epoch, skip_batches=batches)
             progress = _progress(loader, f"epoch {epoch + 1}/{config.epochs}", config.progress and self.rank == 0)
             for images, labels in progress:
                 t0 = time.perf_counter()
@@ -400,23 +423,27 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 self.steps_run += 1
+                batches += 1
                 accuracy = (logits.argmax(-1) == labels).float().mean().item() * 100
                 loss_v, acc_v = self._mean_over_ranks(loss.item(), accuracy)
                 seconds = time.perf_counter() - t0
                 self.log.write(kind="step", step=self.step, epoch=epoch + 1, loss=loss_v, accuracy=acc_v,
                                lr=self.optimizer.param_groups[0]["lr"], images_per_s=labels.numel() * self.world /
-                               max(seconds, 1e-9), wall_s=time.perf_counter() - started, backend=config.backend)
+                               max(seconds, 1e-9), wall_s=time.perf_counter() - started, backend=backend)
                 if hasattr(progress, "set_postfix"):
                     progress.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.0f}%")
-                if config.max_steps and self.step >= config.max_steps:
+                if self._step_limit_reached():
                     break
-            self.epoch = epoch
-            ran += 1
-            final = epoch == config.epochs - 1 or (config.max_steps and self.step >= config.max_steps)
-            if (config.eval_every and (epoch + 1) % config.eval_every == 0) or final:
+            complete = batches >= self.batches_per_epoch()
+            # a max_steps stop inside the epoch is saved as such, so that a resume trains the rest of it
+            self.epoch, self.batches_done = (epoch, 0) if complete else (epoch - 1, batches)
+            ran += complete
+            final = (epoch == config.epochs - 1 and complete) or self._step_limit_reached()
+            if (complete and config.eval_every and (epoch + 1) % config.eval_every == 0) or final:
                 last_eval = self._evaluate_and_log(epoch, time.perf_counter() - started)
+            self.wall_s = time.perf_counter() - started
             self.save_checkpoint()
-            if config.max_steps and self.step >= config.max_steps:
+            if self._step_limit_reached():
                 break
         return last_eval if self.steps_run or not resumed else self.logged_evaluation()
 
