@@ -361,7 +361,7 @@ class Trainer:
     def _loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
         self.sampler.set_epoch(epoch)
         self.sampler.skip = skip_batches * self.config.batch_size
-        if hasattr(self.task.train, "set_epoch"):  # augmentation drawn from (seed, epoch, index): see data.RecordDataset
+        if hasattr(self.task.train, "set_epoch"):  # augmentation drawn from (seed, epoch, index): RecordDataset
             self.task.train.set_epoch(epoch)
         return DataLoader(self.task.train, batch_size=self.config.batch_size, sampler=self.sampler,
                           num_workers=self.config.num_workers,
