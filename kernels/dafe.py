@@ -173,67 +173,90 @@ def _dafe_bwd_channel_gemm_kernel(dout_ptr, prev_ptr, task_ptr, z_ptr, mean_ptr,
                                   spn, spm, spd, stn, stm, std, son, som, sod,
                                   PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                                   BLOCK_K: tl.constexpr):
+    # The two GEMMs side by side in one launch: the first n_row_tiles·n_col_tiles programs compute input
+    # gradients, the rest weight gradients. Each branch is its own function: Triton requires a variable
+    # assigned in both branches of an `if` to have one type, and the two tilings differ in shape.
     pid = tl.program_id(0)
-    dt = prev_ptr.dtype.element_ty
     if pid < n_row_tiles * n_col_tiles:
-        # [dh | dtask_gate][r-block, c-block] = Σ_k dz[r, k] [W_g | U_g][k, c]
-        rows = (pid // n_col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
-        ocols = (pid % n_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        _dafe_bwd_input_grads(pid, dout_ptr, prev_ptr, task_ptr, z_ptr, wg_ptr, ug_ptr, dh_ptr, dtask_ptr,
+                              R, M, D, n_col_tiles, spn, spm, spd, stn, stm, std, son, som, sod,
+                              PREC, BLOCK_R, BLOCK_N, BLOCK_K)
+    else:
+        _dafe_bwd_weight_grads(pid - n_row_tiles * n_col_tiles, dout_ptr, prev_ptr, task_ptr, z_ptr, mean_ptr,
+                               rstd_ptr, lnw_ptr, lnb_ptr, dwg_ptr, dug_ptr, dbg_ptr, R, M, D, n_col_tiles,
+                               spn, spm, spd, stn, stm, std, son, som, sod, PREC, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _dafe_bwd_input_grads(pid, dout_ptr, prev_ptr, task_ptr, z_ptr, wg_ptr, ug_ptr, dh_ptr, dtask_ptr,
+                          R, M, D, n_col_tiles, spn, spm, spd, stn, stm, std, son, som, sod,
+                          PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    # [dh | dtask_gate][r-block, c-block] = Σ_k dz[r, k] [W_g | U_g][k, c]
+    dt = prev_ptr.dtype.element_ty
+    rows = (pid // n_col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ocols = (pid % n_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < R
+    ocol_ok = ocols < D
+    p_rows = _row_offsets(rows, M, spn, spm)
+    t_rows = _row_offsets(rows, M, stn, stm)
+    o_rows = _row_offsets(rows, M, son, som)
+    acc_h = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+    acc_t = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kc = k0 + tl.arange(0, BLOCK_K)
+        m = row_ok[:, None] & (kc < D)[None, :]
+        dz = _dz_tile(dout_ptr, prev_ptr, task_ptr, z_ptr, o_rows, p_rows, t_rows, rows, kc, m, D, sod, spd,
+                      std).to(dt)
+        wm = (kc < D)[:, None] & ocol_ok[None, :]
+        acc_h = tl.dot(dz, tl.load(wg_ptr + kc[:, None] * D + ocols[None, :], mask=wm, other=0.0), acc_h,
+                       input_precision=PREC)
+        acc_t = tl.dot(dz, tl.load(ug_ptr + kc[:, None] * D + ocols[None, :], mask=wm, other=0.0), acc_t,
+                       input_precision=PREC)
+    m = row_ok[:, None] & ocol_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * D + ocols[None, :]
+    tl.store(dh_ptr + offs, acc_h, mask=m)
+    dout = tl.load(dout_ptr + o_rows[:, None] + ocols[None, :] * sod, mask=m, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs, mask=m, other=0.0)
+    tl.store(dtask_ptr + offs, (dout * tl.sigmoid(-z) + acc_t).to(dtask_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _dafe_bwd_weight_grads(q, dout_ptr, prev_ptr, task_ptr, z_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr,
+                           dwg_ptr, dug_ptr, dbg_ptr, R, M, D, n_col_tiles,
+                           spn, spm, spd, stn, stm, std, son, som, sod,
+                           PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # [dW_g | dU_g][k-block, c-block] = Σ_r dz[r, k]ᵀ [h | task][r, c] ; db_g = Σ_r dz[r, k]
+    dt = prev_ptr.dtype.element_ty
+    kc = (q // n_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ocols = (q % n_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc_w = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
+    acc_b = tl.zeros((BLOCK_N,), tl.float32)
+    for r0 in range(0, R, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
         row_ok = rows < R
-        ocol_ok = ocols < D
         p_rows = _row_offsets(rows, M, spn, spm)
         t_rows = _row_offsets(rows, M, stn, stm)
         o_rows = _row_offsets(rows, M, son, som)
-        acc_h = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
-        acc_t = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kc = k0 + tl.arange(0, BLOCK_K)
-            m = row_ok[:, None] & (kc < D)[None, :]
-            dz = _dz_tile(dout_ptr, prev_ptr, task_ptr, z_ptr, o_rows, p_rows, t_rows, rows, kc, m, D, sod, spd,
-                          std).to(dt)
-            wm = (kc < D)[:, None] & ocol_ok[None, :]
-            acc_h = tl.dot(dz, tl.load(wg_ptr + kc[:, None] * D + ocols[None, :], mask=wm, other=0.0), acc_h,
-                           input_precision=PREC)
-            acc_t = tl.dot(dz, tl.load(ug_ptr + kc[:, None] * D + ocols[None, :], mask=wm, other=0.0), acc_t,
-                           input_precision=PREC)
-        m = row_ok[:, None] & ocol_ok[None, :]
-        offs = rows.to(tl.int64)[:, None] * D + ocols[None, :]
-        tl.store(dh_ptr + offs, acc_h, mask=m)
-        dout = tl.load(dout_ptr + o_rows[:, None] + ocols[None, :] * sod, mask=m, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + offs, mask=m, other=0.0)
-        tl.store(dtask_ptr + offs, (dout * tl.sigmoid(-z) + acc_t).to(dtask_ptr.dtype.element_ty), mask=m)
-    else:
-        # [dW_g | dU_g][k-block, c-block] = Σ_r dz[r, k]ᵀ [h | task][r, c] ; db_g = Σ_r dz[r, k]
-        q = pid - n_row_tiles * n_col_tiles
-        kc = (q // n_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ocols = (q % n_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc_w = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
-        acc_u = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
-        acc_b = tl.zeros((BLOCK_N,), tl.float32)
-        for r0 in range(0, R, BLOCK_K):
-            rows = r0 + tl.arange(0, BLOCK_K)
-            row_ok = rows < R
-            p_rows = _row_offsets(rows, M, spn, spm)
-            t_rows = _row_offsets(rows, M, stn, stm)
-            o_rows = _row_offsets(rows, M, son, som)
-            mk = row_ok[:, None] & (kc < D)[None, :]
-            dz = _dz_tile(dout_ptr, prev_ptr, task_ptr, z_ptr, o_rows, p_rows, t_rows, rows, kc, mk, D, sod, spd,
-                          std)
-            acc_b += tl.sum(dz, 0)
-            mc = row_ok[:, None] & (ocols < D)[None, :]
-            mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
-            rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-            h = _normalised(prev_ptr, p_rows, ocols, mc, mean, rstd, lnw_ptr, lnb_ptr, D, spd)
-            t = tl.load(task_ptr + t_rows[:, None] + ocols[None, :] * std, mask=mc, other=0.0)
-            dz_t = tl.trans(dz.to(dt))
-            acc_w = tl.dot(dz_t, h.to(dt), acc_w, input_precision=PREC)
-            acc_u = tl.dot(dz_t, t, acc_u, input_precision=PREC)
-        m = (kc < D)[:, None] & (ocols < D)[None, :]
-        offs = kc[:, None] * D + ocols[None, :]
-        tl.store(dwg_ptr + offs, acc_w.to(dwg_ptr.dtype.element_ty), mask=m)
-        tl.store(dug_ptr + offs, acc_u.to(dug_ptr.dtype.element_ty), mask=m)
-        if q % n_col_tiles == 0:
-            tl.store(dbg_ptr + kc, acc_b.to(dbg_ptr.dtype.element_ty), mask=kc < D)
+        mk = row_ok[:, None] & (kc < D)[None, :]
+        dz = _dz_tile(dout_ptr, prev_ptr, task_ptr, z_ptr, o_rows, p_rows, t_rows, rows, kc, mk, D, sod, spd,
+                      std)
+        acc_b += tl.sum(dz, 0)
+        mc = row_ok[:, None] & (ocols < D)[None, :]
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        h = _normalised(prev_ptr, p_rows, ocols, mc, mean, rstd, lnw_ptr, lnb_ptr, D, spd)
+        t = tl.load(task_ptr + t_rows[:, None] + ocols[None, :] * std, mask=mc, other=0.0)
+        dz_t = tl.trans(dz.to(dt))
+        acc_w = tl.dot(dz_t, h.to(dt), acc_w, input_precision=PREC)
+        acc_u = tl.dot(dz_t, t, acc_u, input_precision=PREC)
+    m = (kc < D)[:, None] & (ocols < D)[None, :]
+    offs = kc[:, None] * D + ocols[None, :]
+    tl.store(dwg_ptr + offs, acc_w.to(dwg_ptr.dtype.element_ty), mask=m)
+    tl.store(dug_ptr + offs, acc_u.to(dug_ptr.dtype.element_ty), mask=m)
+    if q % n_col_tiles == 0:
+        tl.store(dbg_ptr + kc, acc_b.to(dbg_ptr.dtype.element_ty), mask=kc < D)
 
 
 @triton.jit
@@ -331,8 +354,15 @@ def _rows_strides(t: Tensor, n: int) -> tuple[int, int, int]:
     return (0, *t.stride()) if t.dim() == 2 else tuple(t.stride())
 
 
-def _gemm_config(r: int) -> tuple[int, int, int]:
-    return (32 if r >= 1024 else 16), 64, 64
+def _gemm_config(r: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_N, BLOCK_K, num_stages). fp32 tiles take twice the shared memory per stage and, with
+    IEEE dots (no tensor cores), far more registers: halving BLOCK_K and pipelining 2 stages keeps the backward's
+    two GEMMs under sm_90's 227 KB of shared memory without spills (tools/triton_compile_check.py: 230 KB
+    and 10 KB of spills at 64 and 3 stages)."""
+    block_r = 32 if r >= 1024 else 16
+    if dtype == torch.float32:
+        return block_r, 64, 32, 2
+    return block_r, 64, 64, 3
 
 
 def _rowwise_block(d: int) -> tuple[int, int]:
@@ -364,11 +394,11 @@ def dafe_fwd_triton(prev: Tensor, task: Tensor, params: list[Tensor], gate: str,
             prev, task, ln_w, ln_b, w_prev, b_prev, w_task, prev, out, z, mean, rstd, r, m, d, eps, *strides,
             TOKEN=True, BLOCK_R=block_r, BLOCK_K=block_k)
     else:
-        block_r, block_n, block_k = _gemm_config(r)
+        block_r, block_n, block_k, stages = _gemm_config(r, prev.dtype)
         _dafe_fwd_channel_kernel[(triton.cdiv(r, block_r), triton.cdiv(d, block_n))](
             prev, task, ln_w, ln_b, w_prev.contiguous(), b_prev, w_task.contiguous(), out, z, mean, rstd,
             r, m, d, eps, *strides, PREC=dot_precision(prev.dtype), BLOCK_R=block_r, BLOCK_N=block_n,
-            BLOCK_K=block_k, num_warps=4)
+            BLOCK_K=block_k, num_warps=4, num_stages=stages)
     return out, [z, mean, rstd]
 
 
@@ -388,7 +418,7 @@ def dafe_bwd_triton(grad_out: Tensor, prev: Tensor, task: Tensor, params: list[T
     if gate == "channel":
         ln_w, ln_b, w_prev, b_prev, w_task = params
         z, mean, rstd = saved
-        block_r, block_n, block_k = _gemm_config(r)
+        block_r, block_n, block_k, stages = _gemm_config(r, prev.dtype)
         dh = empty(n, m, d, like=prev, dtype=torch.float32)
         dw_prev, dw_task = empty(d, d, like=w_prev), empty(d, d, like=w_task)
         db_prev = empty(d, like=b_prev)
@@ -396,7 +426,8 @@ def dafe_bwd_triton(grad_out: Tensor, prev: Tensor, task: Tensor, params: list[T
         _dafe_bwd_channel_gemm_kernel[(row_tiles * col_tiles + col_tiles * col_tiles,)](
             grad_out, prev, task, z, mean, rstd, ln_w, ln_b, w_prev.contiguous(), w_task.contiguous(), dh,
             dtask_rows, dw_prev, dw_task, db_prev, r, m, d, row_tiles, col_tiles, *strides,
-            PREC=dot_precision(prev.dtype), BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+            PREC=dot_precision(prev.dtype), BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+            num_stages=stages)
         block_rows, block_d = _rowwise_block(d)
         programs = triton.cdiv(r, block_rows)
         parts = empty(2, programs, d, like=prev, dtype=torch.float32)
