@@ -370,6 +370,12 @@ def _rowwise_block(d: int) -> tuple[int, int]:
     return max(1, min(16, 8192 // block_d)), block_d
 
 
+def _rowwise_bwd_warps(block_d: int) -> int:
+    """The row-wise backward kernels hold several (BLOCK_R, BLOCK_D) tiles live: at 4 warps and widths from 512
+    they needed all 255 registers and spilled (tools/triton_compile_check.py); 8 warps share the tile."""
+    return 8 if block_d >= 512 else 4
+
+
 @torch.library.custom_op("fastprompt::dafe_fwd_triton", mutates_args=())
 def dafe_fwd_triton(prev: Tensor, task: Tensor, params: list[Tensor], gate: str, eps: float
                     ) -> tuple[Tensor, list[Tensor]]:
@@ -433,7 +439,8 @@ def dafe_bwd_triton(grad_out: Tensor, prev: Tensor, task: Tensor, params: list[T
         parts = empty(2, programs, d, like=prev, dtype=torch.float32)
         _dafe_bwd_channel_ln_kernel[(programs,)](
             grad_out, prev, z, mean, rstd, ln_w, dh, dprev, parts[0], parts[1], r, m, d,
-            *prev.stride(), *grad_out.stride(), BLOCK_R=block_rows, BLOCK_D=block_d)
+            *prev.stride(), *grad_out.stride(), BLOCK_R=block_rows, BLOCK_D=block_d,
+            num_warps=_rowwise_bwd_warps(block_d))
         # one sum per gradient: views of one summed tensor would alias each other as op outputs
         grads = [parts[0].sum(0).to(ln_w.dtype), parts[1].sum(0).to(ln_b.dtype), dw_prev, db_prev, dw_task]
     else:
@@ -449,7 +456,7 @@ def dafe_bwd_triton(grad_out: Tensor, prev: Tensor, task: Tensor, params: list[T
             args = (prev, prev, prev, prev, prev, prev, prev, params[0])
         _dafe_bwd_rowwise_kernel[(programs,)](
             grad_out, prev, task, *args, dprev, dtask_rows, parts, r, m, d, *strides,
-            TOKEN=token, BLOCK_R=block_rows, BLOCK_D=block_d)
+            TOKEN=token, BLOCK_R=block_rows, BLOCK_D=block_d, num_warps=_rowwise_bwd_warps(block_d))
         if token:
             grads = [parts[2].sum(0).to(ln_w.dtype), parts[3].sum(0).to(ln_b.dtype),
                      parts[0].sum(0, keepdim=True).to(w_prev.dtype), parts[4, :, :1].sum(0).to(b_prev.dtype),

@@ -162,11 +162,13 @@ def _insert_bwd_kernel(x_ptr, p_ptr, starts_ptr, w_ptr, mean_ptr, rstd_ptr, dy_p
         tl.store(db_part_ptr + pid * D + cols, db_acc, mask=col_ok)
 
 
-def _config(d: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_D, num_warps): ~4096 elements a tile."""
+def _config(d: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps): ~4096 elements a tile. The backward holds about three tiles live (x̂, dy,
+    dy_ln) plus the affine partial sums: at 4 warps and widths from 512 it needed all 255 registers and
+    spilled (tools/triton_compile_check.py), so it spreads the tile over 8 warps there."""
     block_d = next_pow2(d)
     block_r = max(1, min(16, 4096 // block_d))
-    return block_r, block_d, 4 if block_d <= 1024 else 8
+    return block_r, block_d, 4 if block_d < (512 if backward else 2048) else 8
 
 
 def _starts_arg(starts: Optional[Tensor], x: Tensor) -> Tensor:
@@ -214,7 +216,7 @@ def insert_prompts_bwd_triton(grad_y: Optional[Tensor], grad_y_ln: Optional[Tens
     has_ln = ln_weight is not None or ln_bias is not None
     has_dyln = grad_y_ln is not None and has_ln
     shared = prompts.dim() == 2
-    block_r, block_d, warps = _config(d)
+    block_r, block_d, warps = _config(d, backward=True)
     n_tiles = n * triton.cdiv(l_out, block_r)
     grid = max(1, min(n_tiles, 4 * sm_count(x.device)))
     dx = empty(n, length, d, like=x)

@@ -192,7 +192,7 @@ def insert_prompts_packed_bwd_triton(grad_y: Optional[Tensor], grad_y_ln: Option
     has_ln = ln_weight is not None or ln_bias is not None
     has_dyln = grad_y_ln is not None and has_ln
     shared = prompts.dim() == 2
-    block_r, block_d, warps = _config(d)
+    block_r, block_d, warps = _config(d, backward=True)
     grid = max(1, min(triton.cdiv(total, block_r), 4 * sm_count(x.device)))
     dx = empty(total, d, like=x)
     # shared prompts: one fp32 row block per sequence, summed below; per-sample: written in place
