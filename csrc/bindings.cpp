@@ -198,6 +198,44 @@ int sm_count(const at::Tensor& t) {
   return sms;
 }
 
+// What follows the checks in both insertion backwards (N x L and packed share InsertBackward): allocate dx
+// (`dx_shape`), the prompt rows' gradient (fp32 per sequence when the prompts are shared) and the LayerNorm
+// affine's per-block partials over `rows` output rows, launch, then reduce the shared rows and the partials.
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, Tensors> insert_backward_outputs(
+    const char* op, InsertBackward& b, const at::Tensor& x, const at::Tensor& prompts,
+    const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, at::IntArrayRef dx_shape,
+    int64_t rows, DType dtype, int64_t n, int64_t m, int64_t d, bool shared, bool has_dyln, Launch launch) {
+  require_cuda(op, x);
+  DeviceGuard guard(x.device());
+  b.grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, 4 * sm_count(x))));
+  at::Tensor dx = at::empty(dx_shape, x.options());
+  at::Tensor dp = shared ? at::empty({n, m, d}, x.options().dtype(at::kFloat)) : at::empty({n, m, d}, prompts.options());
+  at::Tensor parts = has_dyln ? at::empty({2, b.grid, d}, x.options().dtype(at::kFloat)) : at::Tensor();
+  b.dx = dx.data_ptr();
+  b.dprompts = dp.data_ptr();
+  if (has_dyln) {
+    b.dw_part = parts[0].data_ptr<float>();
+    b.db_part = parts[1].data_ptr<float>();
+  }
+  const cudaStream_t stream = stream_of(x);
+  check(launch(stream), op);
+  at::Tensor dprompts = dp;
+  if (shared) {
+    dprompts = at::empty({m, d}, prompts.options());
+    check(sum_rows(dtype, dp.data_ptr<float>(), n, m * d, dprompts.data_ptr(), stream), op);
+  }
+  Tensors ln_grads;
+  for (int i = 0; i < 2; ++i) {
+    const auto& p = i == 0 ? ln_weight : ln_bias;
+    if (!p.has_value()) continue;
+    at::Tensor g = at::zeros_like(*p);
+    if (has_dyln) check(sum_rows(dtype, parts[i].data_ptr<float>(), b.grid, d, g.data_ptr(), stream), op);
+    ln_grads.push_back(g);
+  }
+  return {dx, dprompts, ln_grads};
+}
+
 std::tuple<at::Tensor, at::Tensor, Tensors> insert_bwd(const std::optional<at::Tensor>& grad_y,
                                                        const std::optional<at::Tensor>& grad_y_ln,
                                                        const at::Tensor& x, const at::Tensor& prompts, int64_t start,
@@ -228,36 +266,9 @@ std::tuple<at::Tensor, at::Tensor, Tensors> insert_bwd(const std::optional<at::T
     b.mean = saved[0].data_ptr<float>();
     b.rstd = saved[1].data_ptr<float>();
   }
-  require_cuda(op, x);
-  DeviceGuard guard(x.device());
-  const int64_t rows = a.n * a.l_out;
-  b.grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, 4 * sm_count(x))));
-  at::Tensor dx = at::empty({a.n, a.l, a.d}, x.options());
-  at::Tensor dp = a.shared ? at::empty({a.n, a.m, a.d}, x.options().dtype(at::kFloat))
-                           : at::empty({a.n, a.m, a.d}, prompts.options());
-  at::Tensor parts = has_dyln ? at::empty({2, b.grid, a.d}, x.options().dtype(at::kFloat)) : at::Tensor();
-  b.dx = dx.data_ptr();
-  b.dprompts = dp.data_ptr();
-  if (has_dyln) {
-    b.dw_part = parts[0].data_ptr<float>();
-    b.db_part = parts[1].data_ptr<float>();
-  }
-  const cudaStream_t stream = stream_of(x);
-  check(insert_prompts_backward(a, b, stream), op);
-  at::Tensor dprompts = dp;
-  if (a.shared) {
-    dprompts = at::empty({a.m, a.d}, prompts.options());
-    check(sum_rows(a.dtype, dp.data_ptr<float>(), a.n, a.m * a.d, dprompts.data_ptr(), stream), op);
-  }
-  Tensors ln_grads;
-  for (int i = 0; i < 2; ++i) {
-    const auto& p = i == 0 ? ln_weight : ln_bias;
-    if (!p.has_value()) continue;
-    at::Tensor g = at::zeros_like(*p);
-    if (has_dyln) check(sum_rows(a.dtype, parts[i].data_ptr<float>(), b.grid, a.d, g.data_ptr(), stream), op);
-    ln_grads.push_back(g);
-  }
-  return {dx, dprompts, ln_grads};
+  return insert_backward_outputs(op, b, x, prompts, ln_weight, ln_bias, {a.n, a.l, a.d}, a.n * a.l_out, a.dtype,
+                                 a.n, a.m, a.d, a.shared, has_dyln,
+                                 [&](cudaStream_t stream) { return insert_prompts_backward(a, b, stream); });
 }
 
 // ---- packed prompt insertion -------------------------------------------------------------------------------
@@ -363,35 +374,9 @@ std::tuple<at::Tensor, at::Tensor, Tensors> insert_packed_bwd(
     b.mean = saved[0].data_ptr<float>();
     b.rstd = saved[1].data_ptr<float>();
   }
-  require_cuda(op, x);
-  DeviceGuard guard(x.device());
-  b.grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.t, 4 * sm_count(x))));
-  at::Tensor dx = at::empty({a.t, a.d}, x.options());
-  at::Tensor dp = a.shared ? at::empty({a.n, a.m, a.d}, x.options().dtype(at::kFloat))
-                           : at::empty({a.n, a.m, a.d}, prompts.options());
-  at::Tensor parts = has_dyln ? at::empty({2, b.grid, a.d}, x.options().dtype(at::kFloat)) : at::Tensor();
-  b.dx = dx.data_ptr();
-  b.dprompts = dp.data_ptr();
-  if (has_dyln) {
-    b.dw_part = parts[0].data_ptr<float>();
-    b.db_part = parts[1].data_ptr<float>();
-  }
-  const cudaStream_t stream = stream_of(x);
-  check(insert_prompts_packed_backward(a, b, stream), op);
-  at::Tensor dprompts = dp;
-  if (a.shared) {
-    dprompts = at::empty({a.m, a.d}, prompts.options());
-    check(sum_rows(a.dtype, dp.data_ptr<float>(), a.n, a.m * a.d, dprompts.data_ptr(), stream), op);
-  }
-  Tensors ln_grads;
-  for (int i = 0; i < 2; ++i) {
-    const auto& p = i == 0 ? ln_weight : ln_bias;
-    if (!p.has_value()) continue;
-    at::Tensor g = at::zeros_like(*p);
-    if (has_dyln) check(sum_rows(a.dtype, parts[i].data_ptr<float>(), b.grid, a.d, g.data_ptr(), stream), op);
-    ln_grads.push_back(g);
-  }
-  return {dx, dprompts, ln_grads};
+  return insert_backward_outputs(op, b, x, prompts, ln_weight, ln_bias, {a.t, a.d}, a.t, a.dtype, a.n, a.m, a.d,
+                                 a.shared, has_dyln,
+                                 [&](cudaStream_t stream) { return insert_prompts_packed_backward(a, b, stream); });
 }
 
 // ---- DAFE ------------------------------------------------------------------------------------------------
