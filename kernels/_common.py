@@ -1,9 +1,11 @@
-"""What the Triton launchers share: block sizes, the fp32 dot precision and the device's size."""
+"""What the Triton kernels and launchers share: block sizes, the fp32 dot precision, the device's size, and the
+LayerNorm of full-row tiles."""
 
 import functools
 
 import torch
 import triton
+import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -35,3 +37,26 @@ def dtype_reason(problem: dict) -> str | None:
     if problem["dtype"] not in SUPPORTED_DTYPES:
         return f"the triton kernels take float32, float16 and bfloat16, not {problem['dtype']}"
     return None
+
+
+@triton.jit
+def layer_norm_rows(y, mask, cols, D, eps, w_ptr, b_ptr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """LayerNorm of a full-row fp32 tile y (BLOCK_R, BLOCK_D), padding masked out: (y_ln, mean, rstd).
+    mean = Σy/D ; var = Σ(y − mean)²/D ; y_ln = (y − mean)·rstd·w + b, all in fp32."""
+    mean = tl.sum(y, axis=1) / D
+    diff = tl.where(mask, y - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / D + eps)
+    y_ln = diff * rstd[:, None]
+    if HAS_W:
+        y_ln = y_ln * tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y_ln = y_ln + tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+    return y_ln, mean, rstd
+
+
+@triton.jit
+def ln_backward_rows(xhat, dxhat, rstd, m, D):
+    """rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) of a full-row tile: the input gradient of a LayerNorm."""
+    c1 = tl.sum(dxhat * xhat, 1) / D
+    c2 = tl.sum(dxhat, 1) / D
+    return tl.where(m, (dxhat - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)

@@ -35,7 +35,7 @@ from fastprompt import backends
 from fastprompt.ops import fakes
 from fastprompt._alloc import empty
 
-from ._common import dot_precision, dtype_reason, next_pow2
+from ._common import dot_precision, dtype_reason, ln_backward_rows, next_pow2
 
 MAX_WIDTH = 8192
 
@@ -260,14 +260,6 @@ def _dafe_bwd_weight_grads(q, dout_ptr, prev_ptr, task_ptr, z_ptr, mean_ptr, rst
 
 
 @triton.jit
-def _ln_backward_rows(xhat, dxhat, rstd, m, D):
-    """rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) of a full-row tile."""
-    c1 = tl.sum(dxhat * xhat, 1) / D
-    c2 = tl.sum(dxhat, 1) / D
-    return tl.where(m, (dxhat - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
-
-
-@triton.jit
 def _dafe_bwd_channel_ln_kernel(dout_ptr, prev_ptr, z_ptr, mean_ptr, rstd_ptr, lnw_ptr, dh_ptr, dprev_ptr,
                                 dlnw_part_ptr, dlnb_part_ptr, R, M, D, spn, spm, spd, son, som, sod,
                                 BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -287,7 +279,7 @@ def _dafe_bwd_channel_ln_kernel(dout_ptr, prev_ptr, z_ptr, mean_ptr, rstd_ptr, l
     xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
     dh = tl.load(dh_ptr + offs, mask=m, other=0.0)
     w = tl.load(lnw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dx = _ln_backward_rows(xhat, dh * w[None, :], rstd, m, D)
+    dx = ln_backward_rows(xhat, dh * w[None, :], rstd, m, D)
     dout = tl.load(dout_ptr + o_rows[:, None] + cols[None, :] * sod, mask=m, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + offs, mask=m, other=0.0)
     tl.store(dprev_ptr + offs, (dout * tl.sigmoid(z) + dx).to(dprev_ptr.dtype.element_ty), mask=m)
@@ -335,7 +327,7 @@ def _dafe_bwd_rowwise_kernel(dout_ptr, prev_ptr, task_ptr, z_ptr, mean_ptr, rstd
         w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         dh = dz[:, None] * w[None, :]  # d(z)/d(h) = w
-        dprev += _ln_backward_rows(xhat, dh * lw[None, :], rstd, m, D)
+        dprev += ln_backward_rows(xhat, dh * lw[None, :], rstd, m, D)
         dtask += dz[:, None] * u[None, :]
         h = tl.where(m, xhat * lw[None, :] + lb[None, :], 0.0)
         tl.store(part_ptr + (0 * P + pid) * D + cols, tl.sum(dz[:, None] * h, 0), mask=col_ok)

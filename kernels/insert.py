@@ -30,7 +30,7 @@ from fastprompt.ops import fakes
 from fastprompt._alloc import empty
 from fastprompt.reference.insert import out_len
 
-from ._common import dtype_reason, next_pow2, sm_count
+from ._common import dtype_reason, layer_norm_rows, ln_backward_rows, next_pow2, sm_count
 
 MAX_WIDTH = 16384  # one row is one block
 
@@ -79,15 +79,7 @@ def _insert_fwd_kernel(x_ptr, p_ptr, starts_ptr, w_ptr, b_ptr, y_ptr, yln_ptr, m
     offs = out_rows[:, None] * D + cols[None, :]
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     if HAS_LN:
-        # mean = Σy/D ; var = Σ(y − mean)²/D ; y_ln = (y − mean)·rstd·w + b, all in fp32
-        mean = tl.sum(y, axis=1) / D
-        diff = tl.where(mask, y - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / D + eps)
-        y_ln = diff * rstd[:, None]
-        if HAS_W:
-            y_ln = y_ln * tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
-        if HAS_B:
-            y_ln = y_ln + tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+        y_ln, mean, rstd = layer_norm_rows(y, mask, cols, D, eps, w_ptr, b_ptr, HAS_W, HAS_B)
         tl.store(yln_ptr + offs, y_ln.to(yln_ptr.dtype.element_ty), mask=mask)
         tl.store(mean_ptr + out_rows, mean, mask=row_ok)
         tl.store(rstd_ptr + out_rows, rstd, mask=row_ok)
@@ -132,11 +124,7 @@ def _insert_bwd_kernel(x_ptr, p_ptr, starts_ptr, w_ptr, mean_ptr, rstd_ptr, dy_p
                            mask=mask, other=0.0).to(tl.float32)
             dw_acc += tl.sum(dyln * xhat, axis=0)
             db_acc += tl.sum(dyln, axis=0)
-            dxhat = dyln * w[None, :]
-            # dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))
-            c1 = tl.sum(dxhat * xhat, axis=1) / D
-            c2 = tl.sum(dxhat, axis=1) / D
-            dy_total += tl.where(mask, (dxhat - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
+            dy_total += ln_backward_rows(xhat, dyln * w[None, :], rstd, mask, D)
         if HAS_STARTS:
             s = tl.load(starts_ptr + n)
         else:

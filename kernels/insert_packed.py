@@ -29,7 +29,7 @@ from fastprompt import backends
 from fastprompt._alloc import empty
 from fastprompt.ops import fakes
 
-from ._common import sm_count
+from ._common import layer_norm_rows, ln_backward_rows, sm_count
 from .insert import _config, supports
 
 
@@ -85,14 +85,7 @@ def _packed_fwd_kernel(x_ptr, p_ptr, cu_ptr, starts_ptr, w_ptr, b_ptr, y_ptr, yl
     offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     if HAS_LN:
-        mean = tl.sum(y, axis=1) / D
-        diff = tl.where(mask, y - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / D + eps)
-        y_ln = diff * rstd[:, None]
-        if HAS_W:
-            y_ln = y_ln * tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
-        if HAS_B:
-            y_ln = y_ln + tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+        y_ln, mean, rstd = layer_norm_rows(y, mask, cols, D, eps, w_ptr, b_ptr, HAS_W, HAS_B)
         tl.store(yln_ptr + offs, y_ln.to(yln_ptr.dtype.element_ty), mask=mask)
         tl.store(mean_ptr + rows, mean, mask=row_ok)
         tl.store(rstd_ptr + rows, rstd, mask=row_ok)
@@ -131,10 +124,7 @@ def _packed_bwd_kernel(x_ptr, p_ptr, cu_ptr, starts_ptr, w_ptr, mean_ptr, rstd_p
                            other=0.0).to(tl.float32)
             dw_acc += tl.sum(dyln * xhat, axis=0)
             db_acc += tl.sum(dyln, axis=0)
-            dxhat = dyln * w[None, :]
-            c1 = tl.sum(dxhat * xhat, axis=1) / D
-            c2 = tl.sum(dxhat, axis=1) / D
-            dy_total += tl.where(mask, (dxhat - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
+            dy_total += ln_backward_rows(xhat, dyln * w[None, :], rstd, mask, D)
         # x's row t lands on y's row t; a replaced row gets zero
         tl.store(dx_ptr + rows64[:, None] * D + cols[None, :],
                  tl.where(is_prompt[:, None], 0.0, dy_total).to(dx_ptr.dtype.element_ty), mask=mask)
