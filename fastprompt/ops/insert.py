@@ -15,6 +15,14 @@ OP = "insert_prompts"
 PACKED = "insert_prompts_packed"  # the packed variant's name in the dispatch (its raw ops: fastprompt::<PACKED>_*)
 
 
+def _affine_grads(dln, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor]):
+    """(dw, db) from a raw backward's list, which holds the gradients of the LayerNorm parameters given."""
+    dln = list(dln)
+    dw = dln.pop(0) if ln_weight is not None else None
+    db = dln.pop(0) if ln_bias is not None else None
+    return dw, db
+
+
 class InsertPromptsFunction(torch.autograd.Function):
     """Prompt insertion through one backend's `fastprompt::insert_prompts_{fwd,bwd}_<backend>` pair."""
 
@@ -40,9 +48,7 @@ class InsertPromptsFunction(torch.autograd.Function):
             grad_y_ln = None
         dx, dprompts, dln = _impls[("insert_prompts", backend)].backward(
             grad_y, grad_y_ln, x, prompts, start, starts, ln_weight, ln_bias, saved, eps, mode)
-        dln = list(dln)
-        dw = dln.pop(0) if ln_weight is not None else None
-        db = dln.pop(0) if ln_bias is not None else None
+        dw, db = _affine_grads(dln, ln_weight, ln_bias)
         return dx, dprompts, None, dw, db, None, None, None, None
 
 
@@ -71,9 +77,7 @@ class InsertPromptsPackedFunction(torch.autograd.Function):
             grad_y_ln = None
         dx, dprompts, dln = _impls[(PACKED, backend)].backward(
             grad_y, grad_y_ln, x, prompts, cu_seqlens, start, starts, ln_weight, ln_bias, saved, eps)
-        dln = list(dln)
-        dw = dln.pop(0) if ln_weight is not None else None
-        db = dln.pop(0) if ln_bias is not None else None
+        dw, db = _affine_grads(dln, ln_weight, ln_bias)
         return dx, dprompts, None, None, dw, db, None, None, None
 
 

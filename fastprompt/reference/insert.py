@@ -60,19 +60,25 @@ def build_stream(x: Tensor, prompts: Tensor, start: int, starts: Optional[Tensor
     return y
 
 
+def _layer_norm_or_empty(y: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float) -> Tensor:
+    """y_ln of both forwards (N × L and packed): LayerNorm(y) in the compute dtype, rounded to y's; an empty
+    tensor when no LayerNorm parameter is given."""
+    if ln_weight is None and ln_bias is None:
+        return y.new_empty(0)
+    with no_autocast(y.device):
+        cd = compute_dtype(y.dtype)
+        w = ln_weight.to(cd) if ln_weight is not None else None
+        b = ln_bias.to(cd) if ln_bias is not None else None
+        y_ln, _, _ = layer_norm_fwd(y.to(cd), w, b, eps)
+    return y_ln.to(y.dtype)
+
+
 @torch.library.custom_op("fastprompt::insert_prompts_fwd_reference", mutates_args=())
 def insert_prompts_fwd_reference(x: Tensor, prompts: Tensor, start: int, starts: Optional[Tensor],
                                  ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float, mode: str
                                  ) -> tuple[Tensor, Tensor, list[Tensor]]:
     y = build_stream(x, prompts, start, starts, mode)
-    if ln_weight is None and ln_bias is None:
-        return y, x.new_empty(0), []
-    with no_autocast(x.device):
-        cd = compute_dtype(x.dtype)
-        w = ln_weight.to(cd) if ln_weight is not None else None
-        b = ln_bias.to(cd) if ln_bias is not None else None
-        y_ln, _, _ = layer_norm_fwd(y.to(cd), w, b, eps)
-    return y, y_ln.to(x.dtype), []
+    return y, _layer_norm_or_empty(y, ln_weight, ln_bias, eps), []
 
 
 @insert_prompts_fwd_reference.register_fake
@@ -81,6 +87,21 @@ def _(x, prompts, start, starts, ln_weight, ln_bias, eps, mode):
     y = x.new_empty(n, out_len(length, prompts.shape[-2], mode), d)
     y_ln = x.new_empty(0) if ln_weight is None and ln_bias is None else torch.empty_like(y)
     return y, y_ln, []
+
+
+def _through_layer_norm(dy: Tensor, grad_y_ln: Optional[Tensor], y: Tensor, ln_weight: Optional[Tensor],
+                        ln_bias: Optional[Tensor], eps: float) -> tuple[Tensor, list[Tensor]]:
+    """Both backwards' LayerNorm part, in y's (compute) dtype: dy_total = dy + LN_bwd(dy_ln), and the affine's
+    gradients (zero without dy_ln) in the parameters' dtypes."""
+    w = ln_weight.to(y.dtype) if ln_weight is not None else None
+    _, mean, rstd = layer_norm_fwd(y, w, None, eps)
+    if grad_y_ln is not None:
+        dy_from_ln, dw, db = layer_norm_bwd(grad_y_ln.to(y.dtype), y, mean, rstd, w)
+        dy = dy + dy_from_ln
+    else:
+        dw = torch.zeros_like(w) if w is not None else None
+        db = y.new_zeros(y.shape[-1])
+    return dy, [g.to(p.dtype) for g, p in ((dw, ln_weight), (db, ln_bias)) if p is not None]
 
 
 @torch.library.custom_op("fastprompt::insert_prompts_bwd_reference", mutates_args=())
@@ -96,15 +117,7 @@ def insert_prompts_bwd_reference(grad_y: Optional[Tensor], grad_y_ln: Optional[T
         ln_grads = []
         if grad_y_ln is not None or ln_weight is not None or ln_bias is not None:
             y = build_stream(x, prompts, start, starts, mode).to(cd)
-            w = ln_weight.to(cd) if ln_weight is not None else None
-            _, mean, rstd = layer_norm_fwd(y, w, None, eps)
-            if grad_y_ln is not None:
-                dy_from_ln, dw, db = layer_norm_bwd(grad_y_ln.to(cd), y, mean, rstd, w)
-                dy = dy + dy_from_ln
-            else:
-                dw = torch.zeros_like(w) if w is not None else None
-                db = x.new_zeros(d, dtype=cd)
-            ln_grads = [g.to(p.dtype) for g, p in ((dw, ln_weight), (db, ln_bias)) if p is not None]
+            dy, ln_grads = _through_layer_norm(dy, grad_y_ln, y, ln_weight, ln_bias, eps)
         prompt_pos, x_pos = row_maps(n, length, m, start, starts, mode, x.device)
         dprompts = dy.gather(1, _rows(prompt_pos, d))
         if prompts.dim() == 2:
@@ -159,14 +172,7 @@ def insert_prompts_packed_fwd_reference(x: Tensor, prompts: Tensor, cu_seqlens: 
                                         starts: Optional[Tensor], ln_weight: Optional[Tensor],
                                         ln_bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, list[Tensor]]:
     y = build_packed_stream(x, prompts, cu_seqlens, start, starts)
-    if ln_weight is None and ln_bias is None:
-        return y, x.new_empty(0), []
-    with no_autocast(x.device):
-        cd = compute_dtype(x.dtype)
-        w = ln_weight.to(cd) if ln_weight is not None else None
-        b = ln_bias.to(cd) if ln_bias is not None else None
-        y_ln, _, _ = layer_norm_fwd(y.to(cd), w, b, eps)
-    return y, y_ln.to(x.dtype), []
+    return y, _layer_norm_or_empty(y, ln_weight, ln_bias, eps), []
 
 
 @insert_prompts_packed_fwd_reference.register_fake
@@ -187,15 +193,7 @@ def insert_prompts_packed_bwd_reference(grad_y: Optional[Tensor], grad_y_ln: Opt
         ln_grads = []
         if ln_weight is not None or ln_bias is not None:
             y = build_packed_stream(x, prompts, cu_seqlens, start, starts).to(cd)
-            w = ln_weight.to(cd) if ln_weight is not None else None
-            _, mean, rstd = layer_norm_fwd(y, w, None, eps)
-            if grad_y_ln is not None:
-                dy_from_ln, dw, db = layer_norm_bwd(grad_y_ln.to(cd), y, mean, rstd, w)
-                dy = dy + dy_from_ln
-            else:
-                dw = torch.zeros_like(w) if w is not None else None
-                db = x.new_zeros(d, dtype=cd)
-            ln_grads = [g.to(p.dtype) for g, p in ((dw, ln_weight), (db, ln_bias)) if p is not None]
+            dy, ln_grads = _through_layer_norm(dy, grad_y_ln, y, ln_weight, ln_bias, eps)
         rows = packed_prompt_rows(cu_seqlens, start, starts, m).reshape(-1)
         dprompts = dy.index_select(0, rows).view(n, m, d)
         if prompts.dim() == 2:
