@@ -51,12 +51,6 @@ class AbsentGPU:
     def get_current_stream(self, device=None):
         return 0
 
-    def get_device_interface(self):
-        return torch.cuda
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
 
 compiled: dict[str, object] = {}  # kernel name + specialisation -> CompiledKernel
 

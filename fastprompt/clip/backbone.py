@@ -189,10 +189,6 @@ class ClipBackbone(nn.Module):
         return self._text.positional_embedding.shape[0]
 
     @property
-    def num_patches(self) -> int:
-        return self.model.visual.positional_embedding.shape[0] - 1
-
-    @property
     def logit_scale(self) -> Tensor:
         return self.model.logit_scale.exp()
 

@@ -68,10 +68,6 @@ class PackedLayout:
     min_suffix: int
 
     @property
-    def n_groups(self) -> int:
-        return self.first.shape[0]
-
-    @property
     def total(self) -> int:
         return int(self.cu[-1])
 
