@@ -119,6 +119,29 @@ void strides3(const at::Tensor& t, int64_t* out) {
 const void* ptr_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
 // ---- prompt insertion ------------------------------------------------------------------------------------
+// The part of the argument checks both insertions share (InsertArgs and InsertPackedArgs): per-sequence
+// offsets (their values are checked in Python, a host sync) and the LayerNorm parameters.
+template <typename Args>
+void starts_and_layer_norm(const char* op, Args& a, const at::Tensor& x, const std::optional<at::Tensor>& starts,
+                           const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
+                           double eps) {
+  if (starts.has_value()) {
+    TORCH_CHECK(starts->device() == x.device() && starts->scalar_type() == at::kLong && starts->numel() == a.n &&
+                    starts->is_contiguous(),
+                op, ": starts must be a contiguous int64 tensor of N offsets on the device of x");
+    a.starts = starts->data_ptr<int64_t>();
+  }
+  for (const auto* p : {&ln_weight, &ln_bias})
+    if (p->has_value()) {
+      check_input(op, "a LayerNorm parameter", **p, x);
+      TORCH_CHECK((*p)->numel() == a.d && (*p)->is_contiguous(), op, ": LayerNorm parameters must be (D,)");
+    }
+  a.ln_w = ptr_or_null(ln_weight);
+  a.ln_b = ptr_or_null(ln_bias);
+  a.has_ln = ln_weight.has_value() || ln_bias.has_value();
+  a.eps = static_cast<float>(eps);
+}
+
 InsertArgs insert_args(const char* op, const at::Tensor& x, const at::Tensor& prompts, int64_t start,
                        const std::optional<at::Tensor>& starts, const std::optional<at::Tensor>& ln_weight,
                        const std::optional<at::Tensor>& ln_bias, double eps, c10::string_view mode) {
@@ -150,21 +173,7 @@ InsertArgs insert_args(const char* op, const at::Tensor& x, const at::Tensor& pr
   const int64_t last = a.insert_mode ? a.l : a.l - a.m;  // per-sequence starts are checked in Python (a sync)
   TORCH_CHECK(starts.has_value() || (start >= 0 && start <= last), op, ": start=", start,
               " is out of range: 0 <= start <= ", last, " for mode ", mode);
-  if (starts.has_value()) {
-    TORCH_CHECK(starts->device() == x.device() && starts->scalar_type() == at::kLong && starts->numel() == a.n &&
-                    starts->is_contiguous(),
-                op, ": starts must be a contiguous int64 tensor of N offsets on the device of x");
-    a.starts = starts->data_ptr<int64_t>();
-  }
-  for (const auto* p : {&ln_weight, &ln_bias})
-    if (p->has_value()) {
-      check_input(op, "a LayerNorm parameter", **p, x);
-      TORCH_CHECK((*p)->numel() == a.d && (*p)->is_contiguous(), op, ": LayerNorm parameters must be (D,)");
-    }
-  a.ln_w = ptr_or_null(ln_weight);
-  a.ln_b = ptr_or_null(ln_bias);
-  a.has_ln = ln_weight.has_value() || ln_bias.has_value();
-  a.eps = static_cast<float>(eps);
+  starts_and_layer_norm(op, a, x, starts, ln_weight, ln_bias, eps);
   return a;
 }
 
@@ -306,21 +315,7 @@ InsertPackedArgs insert_packed_args(const char* op, const at::Tensor& x, const a
   a.cu = cu_seqlens.data_ptr<int64_t>();
   a.start = start;
   TORCH_CHECK(starts.has_value() || start >= 0, op, ": start=", start, " is out of range: start >= 0");
-  if (starts.has_value()) {
-    TORCH_CHECK(starts->device() == x.device() && starts->scalar_type() == at::kLong && starts->numel() == a.n &&
-                    starts->is_contiguous(),
-                op, ": starts must be a contiguous int64 tensor of N offsets on the device of x");
-    a.starts = starts->data_ptr<int64_t>();
-  }
-  for (const auto* p : {&ln_weight, &ln_bias})
-    if (p->has_value()) {
-      check_input(op, "a LayerNorm parameter", **p, x);
-      TORCH_CHECK((*p)->numel() == a.d && (*p)->is_contiguous(), op, ": LayerNorm parameters must be (D,)");
-    }
-  a.ln_w = ptr_or_null(ln_weight);
-  a.ln_b = ptr_or_null(ln_bias);
-  a.has_ln = ln_weight.has_value() || ln_bias.has_value();
-  a.eps = static_cast<float>(eps);
+  starts_and_layer_norm(op, a, x, starts, ln_weight, ln_bias, eps);
   return a;
 }
 
