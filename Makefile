@@ -5,6 +5,8 @@
 #               nvcc exists it first builds the CUDA extension for sm_90 (`make ext`) and the tests then
 #               require it to load and register its ops; where g++ exists a second run puts the CUDA C++
 #               kernels through the op tests on the CPU emulator (FASTPROMPT_CUDA_EMULATE=1, tests/cuda_emulator/)
+#               and a third does it again with each block's threads run last to first between barriers: a
+#               read of another thread's write with no barrier between them fails in one of the two orders
 # and besides: make demo (the ops on every backend against float64), make bench, make info,
 # make ext (fastprompt._C in place, EXT_ARCH="9.0" by default), make wheels (dist/: a pure wheel and one with
 # the extension, versioned 0.1.0+cu<cuda>torch<major.minor>, for WHEEL_ARCH="8.0;9.0+PTX").
@@ -40,6 +42,8 @@ test: $(STAMP) $(if $(NVCC),ext)
 	$(if $(NVCC),FASTPROMPT_EXPECT_CUDA_EXTENSION=1) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
 	$(if $(GXX),FASTPROMPT_CUDA_EMULATE=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/test_insert.py \
 	  tests/test_dafe.py tests/test_cmpa.py tests/test_cuda_emulator.py -k "cuda or emulator")
+	$(if $(GXX),FASTPROMPT_CUDA_EMULATE=1 FASTPROMPT_CUDA_EMULATE_ORDER=reverse TRITON_INTERPRET=1 \
+	  $(BIN)/python -m pytest -q tests/test_insert.py tests/test_dafe.py tests/test_cmpa.py -k "cuda")
 	$(BIN)/python -m pytest -q benches --benchmark-disable
 
 # Two wheels in dist/ (tools/build_wheels.sh): a pure one, and one with fastprompt._C tied to the torch in $(VENV)

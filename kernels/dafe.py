@@ -348,13 +348,17 @@ def _rows_strides(t: Tensor, n: int) -> tuple[int, int, int]:
 
 def _gemm_config(r: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_R, BLOCK_N, BLOCK_K, num_stages). fp32 tiles take twice the shared memory per stage and, with
-    IEEE dots (no tensor cores), far more registers: halving BLOCK_K and pipelining 2 stages keeps the backward's
-    two GEMMs under sm_90's 227 KB of shared memory without spills (tools/triton_compile_check.py: 230 KB
-    and 10 KB of spills at 64 and 3 stages)."""
-    block_r = 32 if r >= 1024 else 16
+    IEEE dots (no tensor cores: one FMA per product, the operands broadcast in registers), far more
+    registers. tools/triton_compile_check.py for sm_90 at width 768, 4 warps (registers fwd / bwd kernel):
+      16-bit, BLOCK_R 16|32, BLOCK_N 64, BLOCK_K 64, 3 stages: 106 / 178, no spills (tensor-core dots)
+      fp32, the same tiles: the backward asks for 230 KB of shared memory (sm_90 has 227 KB)
+      fp32, BLOCK_K 32, 2 stages: 255 + 312 B of spills / ptxas gives up at 32 + 5.6 KB of spills
+      fp32, BLOCK_N 32, BLOCK_K 16, 3 stages: 128 / 147, no spills (255 in the forward at BLOCK_R 32)
+    hence the last with BLOCK_R 16 for fp32 at any R. Hopper choices from the compiler's figures; timings
+    on an H100 are still to be taken (benches/gpu_check.sh)."""
     if dtype == torch.float32:
-        return block_r, 64, 32, 2
-    return block_r, 64, 64, 3
+        return 16, 32, 16, 3
+    return (32 if r >= 1024 else 16), 64, 64, 3
 
 
 def _rowwise_block(d: int) -> tuple[int, int]:
