@@ -47,16 +47,19 @@ using Tensors = std::vector<at::Tensor>;
 std::atomic<int64_t> cmpa_launch_count{0};
 int64_t cmpa_launches() { return cmpa_launch_count.load(); }
 
-// What the extension was built against; fastprompt/_extension.py compares it with the running torch and
-// refuses a mismatched build with both versions in the message.
-std::string cuda_build_info() {
+// What the extension was built against, one string literal behind a marker. The cuda_build_info op returns it
+// and fastprompt/_extension.py compares it with the running torch; a build for another torch usually cannot
+// even load (undefined symbols), and then _extension.py finds the literal in the file's bytes instead, so
+// that the refusal names both versions either way.
+#define FASTPROMPT_STR_(x) #x
+#define FASTPROMPT_STR(x) FASTPROMPT_STR_(x)
 #ifdef FASTPROMPT_CUDA_EMULATOR
-  return std::string("torch=") + TORCH_VERSION + ";cuda=emulator";
+constexpr char kBuildInfo[] = "fastprompt-build-info;torch=" TORCH_VERSION ";cuda=emulator;";
 #else
-  return std::string("torch=") + TORCH_VERSION + ";cuda=" + std::to_string(CUDART_VERSION / 1000) + "." +
-         std::to_string((CUDART_VERSION % 1000) / 10);
+constexpr char kBuildInfo[] = "fastprompt-build-info;torch=" TORCH_VERSION ";cudart=" FASTPROMPT_STR(CUDART_VERSION) ";";
 #endif
-}
+
+std::string cuda_build_info() { return kBuildInfo; }
 
 DType dtype_of(const char* op, const at::Tensor& t) {
   switch (t.scalar_type()) {

@@ -10,6 +10,9 @@ See README.md for the backends and the ops.
 
 __version__ = "0.1.0"
 
+import warnings as _warnings
+
+from . import _extension
 from . import reference as _reference  # noqa: F401  registers the reference backend
 from .backends import BackendUnavailableError, available_backends, backend, set_backend
 from .modules import CrossModalPromptAttention, DeepAdaptiveFeatureEnhancement
@@ -25,3 +28,12 @@ __all__ = [
     "BackendUnavailableError",
     "__version__",
 ]
+
+# A fastprompt._C built for another torch or CUDA (an old build in a checkout, a wheel for another torch) is
+# said at import with both versions, read from the file without loading it; the cuda backend is then
+# unavailable and every other one works.
+_mismatch = _extension.installed_build_mismatch()
+if _mismatch is not None:
+    _warnings.warn(f"{_mismatch} (until then the cuda backend is unavailable; the other backends work)",
+                   RuntimeWarning, stacklevel=2)
+del _mismatch

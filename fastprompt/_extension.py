@@ -56,6 +56,11 @@ def load() -> Optional[str]:
                     return reason
                 return _check_versions()
             return f"the extension fastprompt._C is not built: {_HOW_TO_BUILD}"
+        built = _file_build_info()
+        if built:
+            return (f"fastprompt._C was built for torch {built.get('torch', '?')} and CUDA {built.get('cuda', '?')} "
+                    f"but torch {torch.__version__} with CUDA {torch.version.cuda or 'none'} is running, and it "
+                    f"failed to load ({text}): {_HOW_TO_BUILD}")
         return f"the extension fastprompt._C failed to load ({text}); it was probably built for another torch: {_HOW_TO_BUILD}"
     except OSError as exc:  # missing libcudart and the like
         return f"the extension fastprompt._C failed to load ({exc}): {_HOW_TO_BUILD}"
@@ -63,7 +68,20 @@ def load() -> Optional[str]:
 
 
 def _check_versions() -> Optional[str]:
-    info = build_info()
+    return _mismatch(build_info())
+
+
+def installed_build_mismatch() -> Optional[str]:
+    """Checked at `import fastprompt` without loading anything: if the fastprompt._C beside the package was
+    built for another torch major.minor or CUDA major than the running ones, why, with both versions; else
+    None (also when there is no build, or it predates the literal it is read from)."""
+    if _EMULATED:
+        return None
+    built = _file_build_info()
+    return _mismatch(built) if built else None
+
+
+def _mismatch(info: dict) -> Optional[str]:
     built_torch, built_cuda = info.get("torch", "?"), info.get("cuda", "?")
     if _major_minor(built_torch) != _major_minor(torch.__version__):
         return (f"fastprompt._C was built for torch {built_torch} but torch {torch.__version__} is running: "
@@ -120,10 +138,51 @@ def _load_emulator() -> Optional[str]:
     return None
 
 
+BUILD_INFO_MARKER = b"fastprompt-build-info;"  # csrc/bindings.cpp: kBuildInfo
+
+
+def parse_build_info(text: str) -> dict:
+    """{"torch": "2.11.0", "cuda": "13.0"} from the extension's "torch=2.11.0;cudart=13000;" (CUDART_VERSION is
+    major * 1000 + minor * 10) or the emulator's "torch=...;cuda=emulator;"."""
+    info = dict(item.split("=", 1) for item in text.split(";") if "=" in item)
+    cudart = info.pop("cudart", None)
+    if cudart is not None and cudart.isdigit():
+        info["cuda"] = f"{int(cudart) // 1000}.{int(cudart) % 1000 // 10}"
+    return info
+
+
 def build_info() -> dict:
     """What the loaded extension says it was built against ({} when it is not loaded)."""
     try:
         text = torch.ops.fastprompt.cuda_build_info()
     except (AttributeError, RuntimeError):
         return {}
-    return dict(item.split("=", 1) for item in text.split(";") if "=" in item)
+    return parse_build_info(text)
+
+
+def _file_build_info(path: Optional[str] = None) -> dict:
+    """What a build that cannot be loaded was built against, read from the literal in its file ({} when the
+    file or the literal is missing)."""
+    if path is None:
+        try:
+            spec = importlib.util.find_spec("fastprompt._C")
+        except (ImportError, ValueError):
+            return {}
+        path = spec.origin if spec is not None else None
+    chunk, tail = 1 << 20, 256  # read until the literal (early in .rodata), not the whole library
+    try:
+        with open(path, "rb") as f:
+            data = b""
+            while True:
+                block = f.read(chunk)
+                data = data[-2 * tail:] + block
+                start = data.find(BUILD_INFO_MARKER)
+                if start >= 0:
+                    data += f.read(tail)
+                    break
+                if not block:
+                    return {}
+    except (OSError, TypeError):
+        return {}
+    text = data[start + len(BUILD_INFO_MARKER):start + tail].split(b"\0", 1)[0]
+    return parse_build_info(text.decode("ascii", "replace"))

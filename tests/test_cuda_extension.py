@@ -6,6 +6,7 @@ there a missing or broken build fails here instead of skipping. Whether the kern
 is the GPU half: the op tests' `cuda` backend cases (test_cmpa.py, test_dafe.py, test_insert.py) on a device.
 """
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -46,6 +47,10 @@ def test_extension_loads_and_reports_its_build(extension):
     assert _extension._major_minor(built["torch"]) == _extension._major_minor(torch.__version__)
     assert built["cuda"].split(".")[0] == torch.version.cuda.split(".")[0]
     assert "loaded, built for torch" in info.format_report(info.report())
+    # the same versions can be read from the file, without loading it (what a build for another torch needs)
+    module = sys.modules.get("fastprompt._C")  # the JIT path loads its library with torch.ops.load_library
+    library = module.__file__ if module else next(p for p in torch.ops.loaded_libraries if "fastprompt_C_jit" in p)
+    assert _extension._file_build_info(library) == built
 
 
 @pytest.mark.parametrize("raw", RAW_OPS)
@@ -252,6 +257,47 @@ def test_a_mismatched_build_is_reported_with_both_versions(monkeypatch):
     monkeypatch.setattr(_extension, "build_info", lambda: {"torch": "2.3.1", "cuda": "12.1"})
     reason = _extension.load()
     assert reason is not None and "built for torch 2.3.1" in reason and torch.__version__ in reason
+
+
+def test_a_build_that_cannot_load_is_reported_with_both_versions(monkeypatch, tmp_path):
+    """A build for another torch fails to load (undefined symbols): the versions it was built against are read
+    from the literal csrc/bindings.cpp leaves in the file."""
+    library = tmp_path / "_C.so"
+    library.write_bytes(os.urandom(4096) + b"fastprompt-build-info;torch=2.3.1;cudart=12010;\0" + os.urandom(4096))
+
+    def unloadable(name):
+        raise ImportError(f"{library}: undefined symbol: _ZN3c104cuda29c10_cuda_check_implementationEiPKcS2_jb")
+
+    monkeypatch.setattr(_extension.importlib, "import_module", unloadable)
+    monkeypatch.setattr(_extension.importlib.util, "find_spec", lambda name: type("Spec", (), {"origin": str(library)}))
+    reason = _extension.load()
+    assert "built for torch 2.3.1 and CUDA 12.1" in reason and f"torch {torch.__version__}" in reason
+    assert "undefined symbol" in reason and "FASTPROMPT_BUILD_CUDA=1" in reason
+
+    library.write_bytes(os.urandom(4096))  # no literal (a build older than it): the reason without versions
+    reason = _extension.load()
+    assert "probably built for another torch" in reason and "undefined symbol" in reason
+
+
+def test_a_mismatched_build_is_said_at_import(monkeypatch):
+    """`import fastprompt` reads the versions from the fastprompt._C file without loading it and warns with both;
+    a matching build, or none, says nothing."""
+    monkeypatch.setattr(_extension, "_file_build_info", lambda: {"torch": "2.3.1", "cuda": "12.1"})
+    with pytest.warns(RuntimeWarning, match=r"built for torch 2\.3\.1 but torch .* is running.*cuda backend is "
+                      r"unavailable"):
+        importlib.reload(fastprompt)
+    monkeypatch.setattr(_extension, "_file_build_info", lambda: {"torch": torch.__version__,
+                                                                   "cuda": torch.version.cuda or "none"})
+    # a CPU-only torch cannot run any CUDA build: that is a mismatch too
+    assert (_extension.installed_build_mismatch() is None) == (torch.version.cuda is not None)
+    monkeypatch.setattr(_extension, "_file_build_info", lambda: {})
+    assert _extension.installed_build_mismatch() is None
+
+
+def test_build_info_parsing():
+    assert _extension.parse_build_info("torch=2.11.0;cudart=13000;") == {"torch": "2.11.0", "cuda": "13.0"}
+    assert _extension.parse_build_info("torch=2.14.1;cudart=12080;") == {"torch": "2.14.1", "cuda": "12.8"}
+    assert _extension.parse_build_info("torch=2.14.1;cuda=emulator;") == {"torch": "2.14.1", "cuda": "emulator"}
 
 
 def test_a_missing_build_says_how_to_build(monkeypatch):
