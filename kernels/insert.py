@@ -68,8 +68,8 @@ def _insert_fwd_kernel(x_ptr, p_ptr, starts_ptr, w_ptr, b_ptr, y_ptr, yln_ptr, m
                        HAS_STARTS: tl.constexpr, INSERT: tl.constexpr, SHARED: tl.constexpr,
                        HAS_LN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rb = tl.program_id(0)
-    n = tl.program_id(1)
+    n = tl.program_id(0)  # the sequence on the grid's first axis: CUDA caps the others at 65535
+    rb = tl.program_id(1)
     rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     y, row_ok, _, _, _ = _load_rows(x_ptr, p_ptr, starts_ptr, n, rows, cols, start, L, M, D,
@@ -180,7 +180,7 @@ def insert_prompts_fwd_triton(x: Tensor, prompts: Tensor, start: int, starts: Op
     shared = prompts.dim() == 2
     spn, spm, spd = (0, *prompts.stride()) if shared else prompts.stride()
     block_r, block_d, warps = _config(d)
-    _insert_fwd_kernel[(triton.cdiv(l_out, block_r), n)](
+    _insert_fwd_kernel[(n, triton.cdiv(l_out, block_r))](
         x, prompts, _starts_arg(starts, x), ln_weight if ln_weight is not None else x,
         ln_bias if ln_bias is not None else x, y, y_ln if has_ln else y, mean, rstd,
         start, length, m, d, l_out, eps, *x.stride(), spn, spm, spd,
