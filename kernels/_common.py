@@ -33,6 +33,24 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def on_the_inputs_device(launcher):
+    """Run a launcher with its tensors' CUDA device current. Triton launches on the *current* device whatever
+    device the pointers belong to, so tensors on cuda:1 while cuda:0 is current would fail ("cannot be
+    accessed from Triton") or read another GPU's memory; torch's own ops, and the CUDA binding's DeviceGuard,
+    follow the inputs instead. The device is the first tensor argument's; CPU tensors (the interpreter) need
+    no guard."""
+
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        device = next(a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        if device.type != "cuda":
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(device):
+            return launcher(*args, **kwargs)
+
+    return guarded
+
+
 def dtype_reason(problem: dict) -> str | None:
     if problem["dtype"] not in SUPPORTED_DTYPES:
         return f"the triton kernels take float32, float16 and bfloat16, not {problem['dtype']}"

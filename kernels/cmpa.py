@@ -48,7 +48,7 @@ from fastprompt._alloc import empty
 from fastprompt.ops.cmpa_layout import forward_layout, offsets
 from fastprompt.reference.cmpa import N_SIDE_PARAMS, CMPASideParams
 
-from ._common import dot_precision, dtype_reason, next_pow2
+from ._common import dot_precision, dtype_reason, next_pow2, on_the_inputs_device
 
 MAX_PROMPTS = 64
 MAX_WIDTH = 1024
@@ -829,6 +829,7 @@ def _block_m(m: int) -> int:
 
 
 @torch.library.custom_op("fastprompt::cmpa_fwd_triton", mutates_args=())
+@on_the_inputs_device
 def cmpa_fwd_triton(visual: Tensor, text: Tensor, visual_params: list[Tensor], text_params: list[Tensor],
                     n_head_visual: int, n_head_text: int, fusing: str, eps: float, compute_text: bool
                     ) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -896,6 +897,7 @@ def _grads_like(params: CMPASideParams) -> CMPASideParams:
 
 
 @torch.library.custom_op("fastprompt::cmpa_bwd_triton", mutates_args=())
+@on_the_inputs_device
 def cmpa_bwd_triton(grad_visual_out: Optional[Tensor], grad_text_out: Optional[Tensor], visual: Tensor,
                     text: Tensor, visual_params: list[Tensor], text_params: list[Tensor], saved: list[Tensor],
                     n_head_visual: int, n_head_text: int, fusing: str, eps: float, compute_text: bool

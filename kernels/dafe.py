@@ -35,7 +35,7 @@ from fastprompt import backends
 from fastprompt.ops import fakes
 from fastprompt._alloc import empty
 
-from ._common import dot_precision, dtype_reason, ln_backward_rows, next_pow2
+from ._common import dot_precision, dtype_reason, ln_backward_rows, next_pow2, on_the_inputs_device
 
 MAX_WIDTH = 8192
 
@@ -373,6 +373,7 @@ def _rowwise_bwd_warps(block_d: int) -> int:
 
 
 @torch.library.custom_op("fastprompt::dafe_fwd_triton", mutates_args=())
+@on_the_inputs_device
 def dafe_fwd_triton(prev: Tensor, task: Tensor, params: list[Tensor], gate: str, eps: float
                     ) -> tuple[Tensor, list[Tensor]]:
     n, m, d = prev.shape
@@ -408,6 +409,7 @@ dafe_fwd_triton.register_fake(fakes.dafe_fwd)
 
 
 @torch.library.custom_op("fastprompt::dafe_bwd_triton", mutates_args=())
+@on_the_inputs_device
 def dafe_bwd_triton(grad_out: Tensor, prev: Tensor, task: Tensor, params: list[Tensor], saved: list[Tensor],
                     gate: str, eps: float) -> tuple[Tensor, Tensor, list[Tensor]]:
     n, m, d = prev.shape

@@ -30,7 +30,7 @@ from fastprompt.ops import fakes
 from fastprompt._alloc import empty
 from fastprompt.reference.insert import out_len
 
-from ._common import dtype_reason, layer_norm_rows, ln_backward_rows, next_pow2, sm_count
+from ._common import dtype_reason, layer_norm_rows, ln_backward_rows, next_pow2, on_the_inputs_device, sm_count
 
 MAX_WIDTH = 16384  # one row is one block
 
@@ -164,6 +164,7 @@ def _starts_arg(starts: Optional[Tensor], x: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("fastprompt::insert_prompts_fwd_triton", mutates_args=())
+@on_the_inputs_device
 def insert_prompts_fwd_triton(x: Tensor, prompts: Tensor, start: int, starts: Optional[Tensor],
                               ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float, mode: str
                               ) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -194,6 +195,7 @@ insert_prompts_fwd_triton.register_fake(fakes.insert_prompts_fwd)
 
 
 @torch.library.custom_op("fastprompt::insert_prompts_bwd_triton", mutates_args=())
+@on_the_inputs_device
 def insert_prompts_bwd_triton(grad_y: Optional[Tensor], grad_y_ln: Optional[Tensor], x: Tensor, prompts: Tensor,
                               start: int, starts: Optional[Tensor], ln_weight: Optional[Tensor],
                               ln_bias: Optional[Tensor], saved: list[Tensor], eps: float, mode: str

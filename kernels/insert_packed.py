@@ -29,7 +29,7 @@ from fastprompt import backends
 from fastprompt._alloc import empty
 from fastprompt.ops import fakes
 
-from ._common import layer_norm_rows, ln_backward_rows, sm_count
+from ._common import layer_norm_rows, ln_backward_rows, on_the_inputs_device, sm_count
 from .insert import _config, supports
 
 
@@ -146,6 +146,7 @@ def _prompt_strides(prompts: Tensor) -> tuple[int, int, int]:
 
 
 @torch.library.custom_op("fastprompt::insert_prompts_packed_fwd_triton", mutates_args=())
+@on_the_inputs_device
 def insert_prompts_packed_fwd_triton(x: Tensor, prompts: Tensor, cu_seqlens: Tensor, start: int,
                                      starts: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                                      eps: float) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -173,6 +174,7 @@ insert_prompts_packed_fwd_triton.register_fake(fakes.insert_prompts_packed_fwd)
 
 
 @torch.library.custom_op("fastprompt::insert_prompts_packed_bwd_triton", mutates_args=())
+@on_the_inputs_device
 def insert_prompts_packed_bwd_triton(grad_y: Optional[Tensor], grad_y_ln: Optional[Tensor], x: Tensor,
                                      prompts: Tensor, cu_seqlens: Tensor, start: int, starts: Optional[Tensor],
                                      ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], saved: list[Tensor],
