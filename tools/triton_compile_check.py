@@ -12,7 +12,8 @@ CLIP ViT-B/16 shapes, so every specialisation the methods meet is compiled.
 Prints one line per compiled kernel: registers, stack bytes (spills), shared memory, warps, stages. Exits 1
 when a kernel fails to compile or needs more shared memory than the target lets a block have (227 KB on
 sm_90, 163 KB on sm_80): both would fail on the GPU. Spills are listed as costs to measure there. Works with the Triton of the GPU machines (3.6) and of the CPU
-machines (3.8).
+machines (3.8). A second pass compiles the ops at the tests' odd shapes (sizes of 1, widths 24 and 40), which
+Triton compiles as other programs (an integer argument equal to 1 becomes a constant).
 """
 
 from __future__ import annotations
@@ -82,6 +83,36 @@ def ptxas_usage(cubin: bytes) -> tuple[int, int]:
     return regs, stack
 
 
+def run_odd_shapes() -> None:
+    """Every op at the tests' odd shapes (one prompt, one image, one class, one sequence; widths that are not
+    powers of two), bf16: Triton compiles an integer argument equal to 1 as a constant (and specialises on
+    16-byte divisibility), so these are other programs than the ViT-B/16 ones, which the compiler must also
+    accept."""
+    import fastprompt
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+
+    def t(*shape):
+        return torch.randn(*shape, dtype=dtype).requires_grad_()
+
+    for fusing in ("mean", "first", "max"):
+        cmpa = fastprompt.CrossModalPromptAttention(40, 5, 24, 3, fusing=fusing, backend="triton").to(dtype)
+        v, w = cmpa(t(1, 1, 40), t(1, 1, 24))
+        (v.float().sum() + w.float().sum()).backward()
+    for gate in ("channel", "token", "scalar"):
+        dafe = fastprompt.DeepAdaptiveFeatureEnhancement(40, gate=gate, backend="triton").to(dtype)
+        dafe(t(1, 1, 40), t(1, 40)).float().sum().backward()
+    for mode, length in (("replace", 5), ("insert", 4)):
+        for prompts, start in ((t(1, 40), 1), (t(1, 1, 40), torch.ones(1, dtype=torch.int64))):
+            y, y_ln = fastprompt.insert_prompts(t(1, length, 40), prompts, start, t(40), t(40), mode=mode,
+                                                backend="triton")
+            (y.float().sum() + y_ln.float().sum()).backward()
+    cu = torch.tensor([0, 3])
+    y, y_ln = fastprompt.insert_prompts(t(3, 40), t(1, 40), 1, t(40), t(40), cu_seqlens=cu, backend="triton")
+    (y.float().sum() + y_ln.float().sum()).backward()
+
+
 def run_ops() -> None:
     """Every op, forward and backward, at the shapes the methods use (ViT-B/16), in each dtype."""
     import fastprompt
@@ -138,6 +169,7 @@ def main() -> int:
     failure = None
     try:
         run_ops()
+        run_odd_shapes()
     except Exception as e:  # a kernel that does not compile stops the run: report it with what compiled before
         failure = f"{type(e).__name__}: {e}"
 
