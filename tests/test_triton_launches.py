@@ -161,7 +161,7 @@ def test_every_triton_op_has_the_guard():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_ops_on_a_device_that_is_not_current():
+def test_ops_on_cuda_1_while_cuda_0_is_current():
     """On cuda:1 while cuda:0 is current, forward and backward of each op on the Triton backend agree with the
     reference on the same device. What is checked is the device (without the guard the launch fails or reads
     another GPU's memory), so fp32 agreement to 1e-4 suffices; the precision tests are the ops' own."""
