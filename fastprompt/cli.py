@@ -89,11 +89,16 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _end_distributed() -> None:
-    """Under torchrun: wait for every rank, then close the process group (a rank that exits with gloo's
-    threads still running can abort with 'terminate called without an active exception')."""
+    """Under torchrun: wait for every rank, then close the process group. The caller has dropped its trainer
+    first: a DistributedDataParallel wrapper keeps the process group alive past destroy_process_group (its
+    reducer holds it, in reference cycles that only the collector frees), and a gloo group then destroyed
+    during interpreter shutdown can abort the rank with 'terminate called without an active exception'."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # the wrappers of the runs that ended, with their hold on the group
         dist.barrier()
         dist.destroy_process_group()
 
@@ -169,6 +174,7 @@ def _main(argv=None) -> int:
                 "evaluation follows")
         say("top-1: " + ", ".join(f"{k} {v:.2f}%" for k, v in results.items()) if results else "stopped early")
         say(f"metrics: {config.output}/metrics.jsonl  checkpoint: {config.output}/checkpoint.pt")
+        del trainer  # its DDP wrapper holds the process group (see _end_distributed)
         _end_distributed()
         return 0
     if args.command == "eval":

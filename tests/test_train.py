@@ -182,6 +182,40 @@ def test_augmented_training_is_bit_identical_for_any_number_of_workers(tmp_path)
     assert not torch.equal(dataset[0][0], first)
 
 
+PROBE = """
+import gc, sys
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from fastprompt import cli
+
+end = cli._end_distributed
+
+def probed():
+    gc.collect()
+    live = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    print(f"rank {dist.get_rank()}: {live} DDP wrappers alive when the group is destroyed", flush=True)
+    end()
+
+cli._end_distributed = probed
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ddp_run_releases_its_wrapper_before_destroying_the_group(tmp_path):
+    """A DDP wrapper alive at destroy_process_group keeps the gloo group until interpreter shutdown, where it
+    can abort the rank ('terminate called without an active exception', seen once in CI): `train` drops it
+    first."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(28500 + os.getpid() % 1000), str(tmp_path / "probe.py"), "train", "--method", "coop",
+                           "--epochs", "1", "--shots", "4", "--no-progress", "--eval-every", "0", "--opt", "n_ctx=2",
+                           "--batch-size", "4", "--output", str(tmp_path / "run")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = sorted(line for line in done.stdout.splitlines() if "DDP wrappers alive" in line)
+    assert reports == [f"rank {r}: 0 DDP wrappers alive when the group is destroyed" for r in (0, 1)], done.stdout
+
+
 @pytest.mark.parametrize("method", ["dcp", "coop"], ids=["dcp-batch-pooled", "coop"])
 def test_ddp_two_processes_equal_one_process_over_the_global_batch(tmp_path, method):
     """gloo on the CPU, torchrun: 2 ranks with batch 4 against 1 process with batch 8 (DCP's CMPA pools over
