@@ -51,21 +51,27 @@ def random_like_list(tensors, generator=None):
 
 
 class TritonLaunchCounter:
-    """Counts Triton kernel launches (by kernel name) while active, by wrapping the `run` method of the
-    kernels' class (the interpreter's on a CPU machine, the JIT's on a GPU): independent of what the
-    launchers themselves report."""
+    """Records Triton kernel launches (kernel names, and grids) while active, by wrapping the `run` method of
+    the kernels' class (the interpreter's on a CPU machine, the JIT's on a GPU): independent of what the
+    launchers themselves report. With run_kernels=False the launches are only recorded, not made (outputs
+    stay garbage): for what a launch asks of the GPU at sizes too large to run here."""
 
-    def __init__(self, any_kernel):
+    def __init__(self, any_kernel, run_kernels: bool = True):
         self.cls = type(any_kernel)
+        self.run_kernels = run_kernels
         self.names: list[str] = []
+        self.grids: list[tuple] = []
 
     def __enter__(self):
         self.original = self.cls.run
         counter = self
 
-        def run(kernel, *args, **kwargs):
+        def run(kernel, *args, grid, **kwargs):
             counter.names.append(getattr(getattr(kernel, "fn", None), "__name__", repr(kernel)))
-            return counter.original(kernel, *args, **kwargs)
+            counter.grids.append(tuple(grid(kwargs) if callable(grid) else grid))
+            if counter.run_kernels:
+                return counter.original(kernel, *args, grid=grid, **kwargs)
+            return None
 
         self.cls.run = run
         return self

@@ -18,41 +18,24 @@ import fastprompt
 from fastprompt import backends
 from fastprompt.ops import cross_modal_prompt_attention
 
-from .helpers import require_backend
+from .helpers import TritonLaunchCounter, require_backend
 
 MANY = 70_000  # past 65535
 FIRST_AXIS_LIMIT, OTHER_AXES_LIMIT = 2 ** 31 - 1, 65535
 
 
-class SkippedLaunches:
-    """Records the grid of every Triton launch while active and skips the launch itself, by wrapping the `run`
-    method of the kernels' class (the interpreter's on a CPU machine, the JIT's on a GPU)."""
+class SkippedLaunches(TritonLaunchCounter):
+    """Every Triton launch recorded, none made."""
 
     def __init__(self):
         backends.load_error("triton")
         from fastprompt.kernels import insert
 
-        self.cls = type(insert._insert_fwd_kernel)
-        self.grids: list[tuple[str, tuple]] = []
-
-    def __enter__(self):
-        self.original = self.cls.run
-        recorder = self
-
-        def run(kernel, *args, grid, **kwargs):
-            grid = grid(kwargs) if callable(grid) else grid
-            recorder.grids.append((kernel.fn.__name__ if hasattr(kernel, "fn") else repr(kernel), tuple(grid)))
-
-        self.cls.run = run
-        return self
-
-    def __exit__(self, *exc):
-        self.cls.run = self.original
-        return False
+        super().__init__(insert._insert_fwd_kernel, run_kernels=False)
 
     def assert_within_limits(self):
         assert self.grids, "no launch was recorded"
-        for name, grid in self.grids:
+        for name, grid in zip(self.names, self.grids):
             assert 1 <= len(grid) <= 3 and all(g >= 1 for g in grid), (name, grid)
             assert grid[0] <= FIRST_AXIS_LIMIT and all(g <= OTHER_AXES_LIMIT for g in grid[1:]), (name, grid)
 
