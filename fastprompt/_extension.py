@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import mmap
 import os
 import subprocess
 from typing import Optional
@@ -54,7 +55,7 @@ def load() -> Optional[str]:
                 reason = _jit_build()
                 if reason is not None:
                     return reason
-                return _check_versions()
+                return _mismatch(build_info())
             return f"the extension fastprompt._C is not built: {_HOW_TO_BUILD}"
         built = _file_build_info()
         if built:
@@ -64,10 +65,6 @@ def load() -> Optional[str]:
         return f"the extension fastprompt._C failed to load ({text}); it was probably built for another torch: {_HOW_TO_BUILD}"
     except OSError as exc:  # missing libcudart and the like
         return f"the extension fastprompt._C failed to load ({exc}): {_HOW_TO_BUILD}"
-    return _check_versions()
-
-
-def _check_versions() -> Optional[str]:
     return _mismatch(build_info())
 
 
@@ -169,20 +166,12 @@ def _file_build_info(path: Optional[str] = None) -> dict:
         except (ImportError, ValueError):
             return {}
         path = spec.origin if spec is not None else None
-    chunk, tail = 1 << 20, 256  # read until the literal (early in .rodata), not the whole library
-    try:
-        with open(path, "rb") as f:
-            data = b""
-            while True:
-                block = f.read(chunk)
-                data = data[-2 * tail:] + block
-                start = data.find(BUILD_INFO_MARKER)
-                if start >= 0:
-                    data += f.read(tail)
-                    break
-                if not block:
-                    return {}
-    except (OSError, TypeError):
+    try:  # mapped, not read: only the pages up to the literal (early in .rodata) are touched
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            start = data.find(BUILD_INFO_MARKER)
+            if start < 0:
+                return {}
+            text = data[start + len(BUILD_INFO_MARKER):start + 256].split(b"\0", 1)[0]
+    except (OSError, TypeError, ValueError):  # no file, or an empty one (mmap refuses it)
         return {}
-    text = data[start + len(BUILD_INFO_MARKER):start + tail].split(b"\0", 1)[0]
     return parse_build_info(text.decode("ascii", "replace"))
