@@ -73,6 +73,20 @@ def layer_norm_rows(y, mask, cols, D, eps, w_ptr, b_ptr, HAS_W: tl.constexpr, HA
 
 
 @triton.jit
+def store_rows_and_layer_norm(y, mask, row_ok, out_rows, cols, D, eps, y_ptr, yln_ptr, mean_ptr, rstd_ptr, w_ptr,
+                              b_ptr, HAS_LN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """The epilogue of both insertion forwards: write the tile y at output rows out_rows (int64) and, with
+    HAS_LN, its LayerNorm and the row statistics the backward reads."""
+    offs = out_rows[:, None] * D + cols[None, :]
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if HAS_LN:
+        y_ln, mean, rstd = layer_norm_rows(y, mask, cols, D, eps, w_ptr, b_ptr, HAS_W, HAS_B)
+        tl.store(yln_ptr + offs, y_ln.to(yln_ptr.dtype.element_ty), mask=mask)
+        tl.store(mean_ptr + out_rows, mean, mask=row_ok)
+        tl.store(rstd_ptr + out_rows, rstd, mask=row_ok)
+
+
+@triton.jit
 def ln_backward_rows(xhat, dxhat, rstd, m, D):
     """rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) of a full-row tile: the input gradient of a LayerNorm."""
     c1 = tl.sum(dxhat * xhat, 1) / D

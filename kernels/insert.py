@@ -30,7 +30,8 @@ from fastprompt.ops import fakes
 from fastprompt._alloc import empty
 from fastprompt.reference.insert import out_len
 
-from ._common import dtype_reason, layer_norm_rows, ln_backward_rows, next_pow2, on_the_inputs_device, sm_count
+from ._common import (dtype_reason, ln_backward_rows, next_pow2, on_the_inputs_device, sm_count,
+                      store_rows_and_layer_norm)
 
 MAX_WIDTH = 16384  # one row is one block
 
@@ -75,14 +76,8 @@ def _insert_fwd_kernel(x_ptr, p_ptr, starts_ptr, w_ptr, b_ptr, y_ptr, yln_ptr, m
     y, row_ok, _, _, _ = _load_rows(x_ptr, p_ptr, starts_ptr, n, rows, cols, start, L, M, D,
                                     sxn, sxl, sxd, spn, spm, spd, HAS_STARTS, INSERT, SHARED)
     mask = row_ok[:, None] & (cols < D)[None, :]
-    out_rows = n.to(tl.int64) * L_out + rows
-    offs = out_rows[:, None] * D + cols[None, :]
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    if HAS_LN:
-        y_ln, mean, rstd = layer_norm_rows(y, mask, cols, D, eps, w_ptr, b_ptr, HAS_W, HAS_B)
-        tl.store(yln_ptr + offs, y_ln.to(yln_ptr.dtype.element_ty), mask=mask)
-        tl.store(mean_ptr + out_rows, mean, mask=row_ok)
-        tl.store(rstd_ptr + out_rows, rstd, mask=row_ok)
+    store_rows_and_layer_norm(y, mask, row_ok, n.to(tl.int64) * L_out + rows, cols, D, eps, y_ptr, yln_ptr,
+                              mean_ptr, rstd_ptr, w_ptr, b_ptr, HAS_LN, HAS_W, HAS_B)
 
 
 @triton.jit

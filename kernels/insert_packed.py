@@ -29,7 +29,7 @@ from fastprompt import backends
 from fastprompt._alloc import empty
 from fastprompt.ops import fakes
 
-from ._common import layer_norm_rows, ln_backward_rows, on_the_inputs_device, sm_count
+from ._common import ln_backward_rows, on_the_inputs_device, sm_count, store_rows_and_layer_norm
 from .insert import _config, supports
 
 
@@ -82,13 +82,8 @@ def _packed_fwd_kernel(x_ptr, p_ptr, cu_ptr, starts_ptr, w_ptr, b_ptr, y_ptr, yl
     row_ok, is_prompt, n, j = _locate(cu_ptr, starts_ptr, rows, start, T, N, M, steps, HAS_STARTS)
     y = _load_packed_rows(x_ptr, p_ptr, rows, cols, row_ok, is_prompt, n, j, D, sxt, sxd, spn, spm, spd)
     mask = row_ok[:, None] & (cols < D)[None, :]
-    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    if HAS_LN:
-        y_ln, mean, rstd = layer_norm_rows(y, mask, cols, D, eps, w_ptr, b_ptr, HAS_W, HAS_B)
-        tl.store(yln_ptr + offs, y_ln.to(yln_ptr.dtype.element_ty), mask=mask)
-        tl.store(mean_ptr + rows, mean, mask=row_ok)
-        tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+    store_rows_and_layer_norm(y, mask, row_ok, rows.to(tl.int64), cols, D, eps, y_ptr, yln_ptr, mean_ptr, rstd_ptr,
+                              w_ptr, b_ptr, HAS_LN, HAS_W, HAS_B)
 
 
 @triton.jit
