@@ -1,14 +1,15 @@
 """Fake (meta) implementations of the kernel backends' raw ops. The Triton and CUDA backends save the same
-tensors for their backward (fastprompt/ops/cmpa_layout.py for CMPA), so one fake serves both."""
+tensors for their backward (fastprompt/ops/cmpa_layout.py for CMPA), so one forward fake serves both; every
+backend's backward returns gradients shaped like its inputs, so the reference's backward fakes serve all."""
 
 import torch
 
+from ..reference.cmpa import cmpa_bwd_fake as cmpa_bwd  # noqa: F401
+from ..reference.dafe import dafe_bwd_fake as dafe_bwd  # noqa: F401
+from ..reference.insert import insert_prompts_bwd_fake as insert_prompts_bwd  # noqa: F401
+from ..reference.insert import insert_prompts_packed_bwd_fake as insert_prompts_packed_bwd  # noqa: F401
 from ..reference.insert import out_len
 from .cmpa_layout import forward_size
-
-
-def _contiguous_like(t):
-    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def insert_prompts_fwd(x, prompts, start, starts, ln_weight, ln_bias, eps, mode):
@@ -20,22 +21,11 @@ def insert_prompts_fwd(x, prompts, start, starts, ln_weight, ln_bias, eps, mode)
     return x.new_empty(n, l_out, d), x.new_empty(n, l_out, d), stats
 
 
-def insert_prompts_bwd(grad_y, grad_y_ln, x, prompts, start, starts, ln_weight, ln_bias, saved, eps, mode):
-    ln_grads = [torch.empty_like(p) for p in (ln_weight, ln_bias) if p is not None]
-    return _contiguous_like(x), _contiguous_like(prompts), ln_grads
-
-
 def insert_prompts_packed_fwd(x, prompts, cu_seqlens, start, starts, ln_weight, ln_bias, eps):
     if ln_weight is None and ln_bias is None:
         return x.new_empty(x.shape), x.new_empty(0), []
     stats = [x.new_empty(x.shape[0], dtype=torch.float32) for _ in range(2)]
     return x.new_empty(x.shape), x.new_empty(x.shape), stats
-
-
-def insert_prompts_packed_bwd(grad_y, grad_y_ln, x, prompts, cu_seqlens, start, starts, ln_weight, ln_bias, saved,
-                              eps):
-    ln_grads = [torch.empty_like(p) for p in (ln_weight, ln_bias) if p is not None]
-    return _contiguous_like(x), _contiguous_like(prompts), ln_grads
 
 
 def dafe_fwd(prev, task, params, gate, eps):
@@ -48,10 +38,6 @@ def dafe_fwd(prev, task, params, gate, eps):
                  prev.new_empty(n * m, dtype=torch.float32)]
 
 
-def dafe_bwd(grad_out, prev, task, params, saved, gate, eps):
-    return _contiguous_like(prev), _contiguous_like(task), [torch.empty_like(p) for p in params]
-
-
 def cmpa_fwd(visual, text, visual_params, text_params, n_head_visual, n_head_text, fusing, eps, compute_text):
     m, _, dv = visual.shape
     dt = text.shape[2]
@@ -62,10 +48,3 @@ def cmpa_fwd(visual, text, visual_params, text_params, n_head_visual, n_head_tex
             [visual.new_empty(lv, dtype=torch.float32), text.new_empty(lt, dtype=torch.float32),
              visual.new_empty((m, dv) if is_max else (0,), dtype=torch.int32),
              text.new_empty((m, dt) if is_max else (0,), dtype=torch.int32)])
-
-
-def cmpa_bwd(grad_visual_out, grad_text_out, visual, text, visual_params, text_params, saved, n_head_visual,
-             n_head_text, fusing, eps, compute_text):
-    return (_contiguous_like(visual), _contiguous_like(text), [torch.empty_like(p) for p in visual_params],
-            [torch.empty_like(p) if compute_text else p.new_empty(0) for p in text_params])
-

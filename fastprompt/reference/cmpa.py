@@ -190,8 +190,8 @@ def cmpa_bwd_reference(grad_visual_out: Optional[Tensor], grad_text_out: Optiona
 
 
 @cmpa_bwd_reference.register_fake
-def _(grad_visual_out, grad_text_out, visual, text, visual_params, text_params, saved, n_head_visual, n_head_text,
-      fusing, eps, compute_text):
+def cmpa_bwd_fake(grad_visual_out, grad_text_out, visual, text, visual_params, text_params, saved, n_head_visual,
+                  n_head_text, fusing, eps, compute_text):
     return (torch.empty_like(visual, memory_format=torch.contiguous_format),
             torch.empty_like(text, memory_format=torch.contiguous_format),
             [torch.empty_like(p) for p in visual_params],

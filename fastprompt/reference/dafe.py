@@ -102,7 +102,7 @@ def dafe_bwd_reference(grad_out: Tensor, prev: Tensor, task: Tensor, params: lis
 
 
 @dafe_bwd_reference.register_fake
-def _(grad_out, prev, task, params, saved, gate, eps):
+def dafe_bwd_fake(grad_out, prev, task, params, saved, gate, eps):
     return (torch.empty_like(prev, memory_format=torch.contiguous_format),
             torch.empty_like(task, memory_format=torch.contiguous_format),
             [torch.empty_like(p) for p in params])

@@ -128,11 +128,16 @@ def insert_prompts_bwd_reference(grad_y: Optional[Tensor], grad_y_ln: Optional[T
     return dx.to(x.dtype), dprompts.to(prompts.dtype), ln_grads
 
 
-@insert_prompts_bwd_reference.register_fake
-def _(grad_y, grad_y_ln, x, prompts, start, starts, ln_weight, ln_bias, saved, eps, mode):
+def _input_grads_fake(x: Tensor, prompts: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor]):
+    """What every backend's insertion backward returns: gradients shaped like x, the prompts and the affine."""
     ln_grads = [torch.empty_like(p) for p in (ln_weight, ln_bias) if p is not None]
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(prompts, memory_format=torch.contiguous_format), ln_grads)
+
+
+@insert_prompts_bwd_reference.register_fake
+def insert_prompts_bwd_fake(grad_y, grad_y_ln, x, prompts, start, starts, ln_weight, ln_bias, saved, eps, mode):
+    return _input_grads_fake(x, prompts, ln_weight, ln_bias)
 
 
 def insert_eager(x: Tensor, prompts: Tensor, start: int, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
@@ -204,7 +209,6 @@ def insert_prompts_packed_bwd_reference(grad_y: Optional[Tensor], grad_y_ln: Opt
 
 
 @insert_prompts_packed_bwd_reference.register_fake
-def _(grad_y, grad_y_ln, x, prompts, cu_seqlens, start, starts, ln_weight, ln_bias, saved, eps):
-    ln_grads = [torch.empty_like(p) for p in (ln_weight, ln_bias) if p is not None]
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(prompts, memory_format=torch.contiguous_format), ln_grads)
+def insert_prompts_packed_bwd_fake(grad_y, grad_y_ln, x, prompts, cu_seqlens, start, starts, ln_weight, ln_bias,
+                                   saved, eps):
+    return _input_grads_fake(x, prompts, ln_weight, ln_bias)
