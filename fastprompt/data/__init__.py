@@ -142,6 +142,9 @@ class _Relabelled(Dataset):
     def __len__(self):
         return len(self.index)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
     def __getitem__(self, i):
         image, label = self.dataset[self.index[i]]
         return image, self.map[label]

@@ -42,14 +42,11 @@ from .metrics import MetricsLog, read_metrics
 
 
 def _check_method(config: TrainConfig) -> None:
-    """The method and its options exist (before anything is built or written)."""
-    if config.method not in methods.METHODS:
-        raise ConfigError(f"unknown method {config.method!r}; methods are {', '.join(methods.METHODS)}")
-    known = methods.options(config.method)
-    unknown = sorted(set(config.method_config or {}) - set(known))
-    if unknown:
-        raise ConfigError(f"{config.method} has no option {', '.join(unknown)}; its options are "
-                          + ", ".join(f"{k}={v!r}" for k, v in known.items() if k != "backend"))
+    """The method and its options exist and have the right types (before anything is built or written)."""
+    try:
+        methods.check_options(config.method, config.method_config or {})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def method_config(config: TrainConfig) -> dict:
@@ -192,8 +189,7 @@ class Trainer:
             raise ConfigError(f"{config.method} with options {self.method_config}: {exc}") from exc
         self.precision = self._precision()
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == torch.float16 else None
-        groups = self.method.trainable_parameters()
-        groups = [g if isinstance(g, dict) else {"params": [g]} for g in groups]
+        groups = self.method.parameter_groups()
         for g in groups:
             g["base_lr"] = g.get("lr", config.lr)
         self.optimizer_name = resolve_optimizer(config)
@@ -361,8 +357,7 @@ class Trainer:
     def _loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
         self.sampler.set_epoch(epoch)
         self.sampler.skip = skip_batches * self.config.batch_size
-        if hasattr(self.task.train, "set_epoch"):  # augmentation drawn from (seed, epoch, index): RecordDataset
-            self.task.train.set_epoch(epoch)
+        self.task.train.set_epoch(epoch)  # augmentation drawn from (seed, epoch, index)
         return DataLoader(self.task.train, batch_size=self.config.batch_size, sampler=self.sampler,
                           num_workers=self.config.num_workers,
                           generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
@@ -386,11 +381,12 @@ class Trainer:
         start_epoch = self.epoch + 1 if resumed else 0
         if not resumed:
             self.log.reset()
+            described = self.method.describe()
             self.log.write(kind="run", config=json.loads(config.to_json()),
                            data=self.task.description, world_size=self.world, device=str(self.device),
                            precision=str(self.precision or torch.float32), optimizer=self.optimizer_name,
                            backend=self.resolved_backend(),
-                           text_path=self.method.text_path.describe() if hasattr(self.method, "text_path") else None,
+                           method=described, text_path=described["text_path"],
                            torch=torch.__version__)
         last_eval: dict = {}
         ran = 0
@@ -403,8 +399,7 @@ class Trainer:
                 break
             for g in self.optimizer.param_groups:
                 g["lr"] = learning_rate(g["base_lr"], epoch, config)
-            if hasattr(self.method, "epoch"):  # methods whose loss changes with the epoch and the run's length (DPT)
-                self.method.epoch, self.method.epochs = epoch, config.epochs
+            self.method.set_epoch(epoch, config.epochs)
             batches = skip if epoch == start_epoch else 0
             loader = self._loader(epoch, skip_batches=batches)
             progress = _progress(loader, f"epoch {epoch + 1}/{config.epochs}", config.progress and self.rank == 0)
