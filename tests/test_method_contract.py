@@ -1,11 +1,13 @@
 """The method contract the training harness relies on (PromptMethod): trainable_parameters() is Parameters for
 every method and parameter_groups() covers the same ones, set_epoch(epoch, epochs) and describe() exist
-everywhere, options are checked (names and types) before anything is built; and a depth too large for the
-small CLIPs names SMALL_MODEL_CONFIGS."""
+everywhere, options are checked (names and types) before anything is built; and the constructor errors a
+new user meets: a depth too large for the small CLIPs names SMALL_MODEL_CONFIGS, CMPA's heads must divide its
+widths and its design_details keys are the original's."""
 
 import pytest
 import torch
 
+import fastprompt
 from fastprompt import methods
 from fastprompt.methods.base import PromptMethod
 
@@ -70,3 +72,21 @@ def test_a_depth_too_large_for_the_small_clips_names_the_small_configs(name, con
                                          f"\\['{name}'\\] = "):
         methods.build(name, tiny_clip(), CLASSNAMES, **config)
     methods.build(name, tiny_clip(), CLASSNAMES, **small)  # what the message says to use works
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    ((768, 7, 512, 8), {}, r"n_head_visual=7 must be a whole number of at least 1 dividing d_model_visual=768"),
+    ((768, 12, 512, 6), {}, r"n_head_text=6 must be a whole number of at least 1 dividing d_model_text=512"),
+    ((768, 0, 512, 8), {}, r"n_head_visual=0 must be"),
+    ((768, 12, 512, 8), {"design_details": {"fussing": "max"}}, r"design_details has no key 'fussing'; the "
+                                                                r"original's keys are trainer, .*fusing"),
+])
+def test_cmpa_constructor_errors(args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fastprompt.CrossModalPromptAttention(*args, **kwargs)
+
+
+def test_cmpa_takes_the_public_codes_design_details_as_they_are():
+    details = {"trainer": "CMPA", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0,
+               "cmpa_length": 16, "fusing": "max", "parameter_sharing": True}
+    assert fastprompt.CrossModalPromptAttention(48, 3, 40, 5, design_details=details).fusing == "max"
