@@ -3,7 +3,8 @@
   fastprompt train              train a method (no arguments: DCP on the built-in shapes, a small CLIP)
   fastprompt eval RUN           top-1 of a trained run on its evaluation sets
   fastprompt run PROTOCOL       a protocol of the field over seeds, ending in a summary table
-  fastprompt plot RUN...        loss and accuracy against steps and seconds (PNG)
+  fastprompt plot RUN...        loss and accuracy against steps and seconds (PNG, SVG or PDF)
+  fastprompt compare RUN...     final and best top-1, steps and seconds to a target accuracy, images/s
   fastprompt bench              images/s of a training step per method and backend, and a profile of one step
   fastprompt info               versions, and which backends can run each op here
   fastprompt demo               the ops at CLIP sizes on every available backend, checked against float64
@@ -137,9 +138,22 @@ def _main(argv=None) -> int:
     p_run.add_argument("--targets", nargs="+", default=None, help="target datasets of the transfer protocols")
     p_run.add_argument("--shots-list", type=int, nargs="+", default=[1, 2, 4, 8, 16])
 
-    p_plot = sub.add_parser("plot", help="loss and accuracy against steps and seconds, runs overlaid (PNG)")
-    p_plot.add_argument("runs", nargs="+")
-    p_plot.add_argument("--output", default="convergence.png")
+    p_plot = sub.add_parser("plot", help="loss and accuracy against steps and seconds, runs overlaid")
+    p_plot.add_argument("runs", nargs="+", help="run folders (or their metrics.jsonl)")
+    p_plot.add_argument("--output", default="convergence.png", help="PNG, SVG or PDF by suffix")
+    p_plot.add_argument("--metric", default=None, choices=["top1", "loss", "lr", "images_per_s"],
+                        help="one quantity alone, against steps and seconds (default: loss and top-1)")
+    p_plot.add_argument("--smooth", type=int, default=1, metavar="N",
+                        help="moving average over N steps of the per-step curves, raw values faint behind")
+
+    p_compare = sub.add_parser("compare", help="a table of runs: final and best top-1, steps and seconds to a "
+                                               "target top-1, images/s")
+    p_compare.add_argument("runs", nargs="+", help="run folders (or their metrics.jsonl)")
+    p_compare.add_argument("--target", type=float, default=None, help="top-1 (%%) to reach (default: the lowest "
+                           "best top-1 of the runs, so that every run reaches it)")
+    p_compare.add_argument("--split", default="auto", choices=["auto", "test", "base", "new", "hm"],
+                           help="the evaluation the target is read on (auto: hm where present, else test)")
+    p_compare.add_argument("--json", action="store_true")
 
     p_bench = sub.add_parser("bench", help="images/s of a training step per method and backend; one step's profile")
     p_bench.add_argument("--methods", nargs="+", default=None)
@@ -203,7 +217,13 @@ def _main(argv=None) -> int:
     if args.command == "plot":
         from .train.plot import plot_runs
 
-        print(plot_runs(args.runs, args.output))
+        print(plot_runs(args.runs, args.output, metric=args.metric, smooth=args.smooth))
+        return 0
+    if args.command == "compare":
+        from .train.compare import compare_runs, format_comparison
+
+        rows = compare_runs(args.runs, target=args.target, split=args.split)
+        print(json.dumps(rows, indent=2) if args.json else format_comparison(rows))
         return 0
     if args.command == "bench":
         from .train.bench import bench_steps, format_bench
