@@ -156,3 +156,15 @@ def test_bad_input_is_one_error_line_with_status_2_before_any_work(workspace, ca
     assert re.search(message, captured.err), captured.err
     assert "Traceback" not in captured.err and captured.out == "", captured
     assert not os.path.exists("runs")  # no run folder was made, nothing trained
+
+
+def test_the_python_api_gets_the_same_checks(tmp_path):
+    from fastprompt.train import ConfigError, TrainConfig, train
+
+    with pytest.raises(ConfigError, match=r"--batch-size takes a batch size, at least 1, got 0; --lr takes a "
+                                          r"learning rate, a finite number above 0, got -1"):
+        train(TrainConfig(batch_size=0, lr=-1, output=str(tmp_path / "run")))
+    with pytest.raises(ConfigError, match=r"--epochs takes a number of epochs, at least 1, got 2.5"):
+        TrainConfig(epochs=2.5).validate()
+    assert not os.path.exists(tmp_path / "run")
+    assert TrainConfig().validate() == TrainConfig()

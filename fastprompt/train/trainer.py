@@ -48,7 +48,6 @@ from ..methods.distributed import local_only
 from .config import ConfigError, TrainConfig, config_differences, fresh_output
 from .device import resolve_device
 from .metrics import MetricsLog, read_metrics
-from .validate import check_config
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -186,7 +185,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, stop_after: Optional[int] = None,
                  announce: Optional[Callable[[str], None]] = None):
-        self.config = check_config(config)  # before anything is built, read or written
+        self.config = config.validate()  # before anything is built, read or written
         if stop_after is not None and not (isinstance(stop_after, int) and stop_after >= 1):
             raise ConfigError(f"--stop-after takes a number of epochs, at least 1, got {stop_after!r}")
         self.stop_after = stop_after  # epochs to run in this invocation (a job with a time limit)
@@ -516,13 +515,11 @@ class Trainer:
                 self.log.write(kind="step", step=self.step, epoch=epoch + 1, loss=loss_v, accuracy=acc_v,
                                lr=self.optimizer.param_groups[0]["lr"], images_per_s=labels.numel() * self.world /
                                max(seconds, 1e-9), wall_s=time.perf_counter() - started, backend=backend)
-                if hasattr(progress, "set_postfix"):
-                    progress.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.0f}%")
+                progress.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.0f}%")
                 if stop:
                     self._stop_requested = True
                     break
-            if hasattr(progress, "close"):
-                progress.close()
+            progress.close()
             self.wall_s = time.perf_counter() - started
             if self._stop_requested:
                 raise self._interrupted(epoch, batches)
@@ -564,11 +561,10 @@ class Trainer:
 
 
 def _progress(iterable, description: str, enabled: bool):
-    if not enabled:
-        return iterable
+    """A progress bar over the epoch's batches; disabled, the same object passes the batches through."""
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True, disable=not enabled)
 
 
 def train(config: TrainConfig, stop_after: Optional[int] = None) -> dict:
