@@ -65,6 +65,7 @@ def _env(kind: str, expect_extension: bool, jobs: int) -> dict:
     if kind == "main" and expect_extension:
         env["FASTPROMPT_EXPECT_CUDA_EXTENSION"] = "1"
     if kind.startswith("emulated"):
+        env.pop("FASTPROMPT_EXPECT_CUDA_EXTENSION", None)  # the emulator stands in for the extension there
         env["FASTPROMPT_CUDA_EMULATE"] = "1"
     if kind == "emulated-reverse":
         env["FASTPROMPT_CUDA_EMULATE_ORDER"] = "reverse"
