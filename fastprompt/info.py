@@ -63,11 +63,17 @@ def format_report(data: dict) -> str:
         "",
         "op / backend: available on each device, or why not",
     ]
+    extension_missing = data["extension"] if not data["extension"].startswith("loaded") else None
     for op, rows in data["ops"].items():
         lines.append(f"  {op}")
         for name, per_device in rows.items():
             for dev, reason in per_device.items():
-                verdict = "yes" if reason is None else f"no: {reason}"
+                if reason is None:
+                    verdict = "yes"
+                elif reason == extension_missing:  # said once, on the extension's line above
+                    verdict = "no: fastprompt._C is not loaded (why: above)"
+                else:
+                    verdict = f"no: {reason}"
                 lines.append(f"    {name:<10} {dev:<5} {verdict}")
     if not data["cuda_devices"]:
         lines.append("  (no CUDA device here: the triton and cuda backends serve CUDA tensors)")

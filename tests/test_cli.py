@@ -18,6 +18,18 @@ def test_python_m_fastprompt_info_reports_every_op_and_backend():
     assert "reference  cpu   yes" in text
 
 
+def test_info_says_why_the_extension_is_missing_once(capsys):
+    data = json.loads(cli.main(["info", "--json"]) == 0 and capsys.readouterr().out)
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    if data["extension"].startswith("loaded"):
+        return  # nothing missing to say
+    assert text.count(data["extension"]) == 1, text
+    cuda_rows = [line for line in text.splitlines() if line.strip().startswith("cuda ")]
+    assert cuda_rows and all(r.endswith("yes") or "fastprompt._C is not loaded (why: above)" in r or "emulat" in r
+                             for r in cuda_rows), cuda_rows
+
+
 def test_info_json_is_machine_readable(capsys):
     assert cli.main(["info", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

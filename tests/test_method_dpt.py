@@ -184,15 +184,16 @@ def test_frozen_clip_gets_no_gradient():
     assert trained and all(method.get_parameter(n).grad is not None for n in trained)
 
 
-def test_trainable_parameters_two_groups():
+def test_parameter_groups_two_learning_rates():
     method = build("dpt", ctx_lr=0.003, lr=0.02)
-    groups = method.trainable_parameters()
+    groups = method.parameter_groups()
     assert [g["lr"] for g in groups] == [0.003, 0.02]
     assert groups[0]["params"] == [method.ctx]
     listed = [id(p) for g in groups for p in g["params"]]
     assert len(listed) == len(set(listed))
     assert set(listed) == {id(p) for p in method.parameters() if p.requires_grad}
-    defaults = build("dpt").trainable_parameters()
+    assert sorted(listed) == sorted(id(p) for p in method.trainable_parameters())  # the same, as plain Parameters
+    defaults = build("dpt").parameter_groups()
     assert [g["lr"] for g in defaults] == [0.002, 0.01]
 
 

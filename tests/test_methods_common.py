@@ -51,8 +51,12 @@ def test_gradients_reach_every_trained_parameter_and_no_frozen_one(name):
             assert torch.count_nonzero(p.grad) > 0, f"{n} gets a zero gradient"
     assert all(not p.requires_grad for p in method.clip.parameters())
     trained = {id(p) for p in method.parameters() if p.requires_grad}
-    groups = method.trainable_parameters()
-    listed = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    # the contract: trainable_parameters() is Parameters for every method, parameter_groups() covers the same
+    params = method.trainable_parameters()
+    assert all(isinstance(p, torch.nn.Parameter) for p in params)
+    assert {id(p) for p in params} == trained and len(params) == len(trained)
+    assert sum(p.numel() for p in params) == method.describe()["trained_parameters"] > 0
+    listed = [p for g in method.parameter_groups() for p in g["params"]]
     assert {id(p) for p in listed} == trained and len(listed) == len(trained)
 
 

@@ -4,6 +4,7 @@ from the model."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -80,7 +81,34 @@ class RecordDataset(Dataset):
                     torch.manual_seed(augmentation_seed(self.seed, self.epoch, index))
                     return self.transform(image), record.label
         except (OSError, UnidentifiedImageError) as exc:
-            raise DataError(f"cannot read image {record.path} (class {record.classname!r}): {exc}") from exc
+            raise _unreadable(record, exc) from exc
+
+
+def _unreadable(record: Record, exc: Exception) -> DataError:
+    return DataError(f"cannot read image {record.path} (class {record.classname!r}): {exc}")
+
+
+_READABLE: set = set()  # (path, size, mtime) of images found readable in this process (protocols reuse them)
+
+
+def check_images(records: list) -> None:
+    """Every record's file exists and is an image PIL can identify (its header is read, not the pixels), so a
+    missing or broken file is found when the dataset is opened, before the first step rather than in the
+    middle of an epoch; DataError names the first bad one. A file already checked in this process (unchanged
+    since) is not read again: a protocol opens the same images for every run."""
+    from PIL import Image, UnidentifiedImageError
+
+    for record in records:
+        try:
+            info = os.stat(record.path)
+            key = (record.path, info.st_size, info.st_mtime_ns)
+            if key in _READABLE:
+                continue
+            with Image.open(record.path):
+                pass
+        except (OSError, UnidentifiedImageError) as exc:
+            raise _unreadable(record, exc) from exc
+        _READABLE.add(key)
 
 
 @dataclass
@@ -94,19 +122,51 @@ class TaskData:
     description: str
 
 
+@dataclass
+class TaskRecords:
+    """What a run on a dataset on disk reads, before any image is: the K-shot training records and class names,
+    and the records and class names of each evaluation."""
+
+    train: list
+    classnames: list
+    evaluations: dict
+    description: str
+
+
+def task_records(data: str, *, shots: int = 16, seed: int = 1, subsample: str = "all",
+                 split_file: Optional[str] = None, image_dir: Optional[str] = None) -> TaskRecords:
+    """The records of a run on a dataset on disk (build_task), every one checked readable (check_images)."""
+    splits = read_dataset(data, split_file, image_dir, seed)
+    train_records = few_shot(splits.train, shots, seed)
+    if subsample == "all":
+        task = TaskRecords(train_records, splits.classnames, {"test": (splits.test, splits.classnames)},
+                           f"{data}: {len(splits.classnames)} classes, {shots} shots, seed {seed}")
+    else:
+        evaluations = {which: subsample_classes(splits.test, splits.classnames, which) for which in ("base", "new")}
+        train_records, names = subsample_classes(train_records, splits.classnames, subsample)
+        task = TaskRecords(train_records, names, evaluations,
+                           f"{data}: {subsample} classes ({len(names)}), {shots} shots, seed {seed}")
+    check_images(task.train + [r for records, _ in task.evaluations.values() for r in records])
+    return task
+
+
 def build_task(model, data: Optional[str] = None, *, shots: int = 16, seed: int = 1, subsample: str = "all",
                split_file: Optional[str] = None, image_dir: Optional[str] = None, synthetic_classes: int = 8,
                synthetic_test_per_class: int = 16) -> TaskData:
     """The train set (K shots per class, seeded) and evaluation sets of a run.
 
-    data None: the built-in procedural dataset at the model's image size. subsample "base" trains on the base
-    half of the classes and evaluates on base and new (the base-to-new protocol); "new" or "all" likewise.
+    data None: the built-in procedural dataset at the model's image size (shots >= 1). subsample "base" trains
+    on the base half of the classes and evaluates on base and new (the base-to-new protocol); "new" or "all"
+    likewise. On disk, shots 0 takes every training image, and every image the run will read is checked
+    readable here, before training (check_images).
     """
     if data is None:
+        if shots < 1:
+            raise DataError(f"the built-in shapes are drawn per class: shots must be at least 1, got {shots}")
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
         norm = clip_normalize(model)
-        per_class = max(shots, 1)
+        per_class = shots
         train = SyntheticShapes(synthetic_classes, per_class, size, "train", seed, norm)
         test = SyntheticShapes(synthetic_classes, synthetic_test_per_class, size, "test", seed, norm)
         names = train.classnames
@@ -114,22 +174,12 @@ def build_task(model, data: Optional[str] = None, *, shots: int = 16, seed: int 
             return TaskData(train, names, {"test": (test, names)},
                             f"built-in shapes: {synthetic_classes} classes, {per_class} shots, seed {seed}")
         return _subsample_synthetic(train, test, names, subsample, seed)
-    splits = read_dataset(data, split_file, image_dir, seed)
+    task = task_records(data, shots=shots, seed=seed, subsample=subsample, split_file=split_file,
+                        image_dir=image_dir)
     train_tf, eval_tf = clip_transforms(model)
-    train_records = few_shot(splits.train, shots, seed)
-    if subsample == "all":
-        return TaskData(RecordDataset(train_records, train_tf, seed), splits.classnames,
-                        {"test": (RecordDataset(splits.test, eval_tf), splits.classnames)},
-                        f"{data}: {len(splits.classnames)} classes, {shots} shots, seed {seed}")
-    base_train, base_names = subsample_classes(train_records, splits.classnames, "base")
-    evaluations = {}
-    for which in ("base", "new"):
-        records, names = subsample_classes(splits.test, splits.classnames, which)
-        evaluations[which] = (RecordDataset(records, eval_tf), names)
-    trained_on = "base" if subsample == "base" else subsample
-    train_records, names = subsample_classes(train_records, splits.classnames, trained_on)
-    return TaskData(RecordDataset(train_records, train_tf, seed), names, evaluations,
-                    f"{data}: {trained_on} classes ({len(names)}), {shots} shots, seed {seed}")
+    return TaskData(RecordDataset(task.train, train_tf, seed), task.classnames,
+                    {name: (RecordDataset(records, eval_tf), names) for name, (records, names) in
+                     task.evaluations.items()}, task.description)
 
 
 class _Relabelled(Dataset):
@@ -141,6 +191,9 @@ class _Relabelled(Dataset):
 
     def __len__(self):
         return len(self.index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
 
     def __getitem__(self, i):
         image, label = self.dataset[self.index[i]]
@@ -159,6 +212,7 @@ def _subsample_synthetic(train, test, names, subsample, seed):
                     f"built-in shapes, {subsample} classes, seed {seed}")
 
 
-__all__ = ["DataError", "Record", "RecordDataset", "RecordSplits", "SyntheticShapes", "TaskData", "augmentation_seed",
-           "build_task", "clip_normalize", "clip_transforms", "few_shot", "read_classnames_file", "read_dataset",
-           "read_image_folder", "read_imagenet_family", "read_split_json", "subsample_classes"]
+__all__ = ["DataError", "Record", "RecordDataset", "RecordSplits", "SyntheticShapes", "TaskData", "TaskRecords",
+           "augmentation_seed", "build_task", "check_images", "clip_normalize", "clip_transforms", "few_shot",
+           "read_classnames_file", "read_dataset", "read_image_folder", "read_imagenet_family", "read_split_json",
+           "subsample_classes", "task_records"]

@@ -56,20 +56,40 @@ def _classnames(records: list) -> list:
     return [names[i] for i in range(len(names))]
 
 
+def _split_items(path: str, name: str, items) -> list:
+    """A split's [image path, label, class name] entries, checked."""
+    if not isinstance(items, list):
+        raise DataError(f"{path}: {name!r} must be a list of [image path, label, class name], got "
+                        f"{type(items).__name__}")
+    for number, item in enumerate(items):
+        if not (isinstance(item, (list, tuple)) and len(item) == 3 and isinstance(item[0], str)
+                and isinstance(item[1], int) and not isinstance(item[1], bool) and item[1] >= 0):
+            raise DataError(f"{path}: {name}[{number}] must be [image path, label >= 0, class name], got {item!r}")
+    return items
+
+
 def read_split_json(path: str, image_dir: Optional[str] = None) -> RecordSplits:
-    with open(path) as f:
-        try:
+    try:
+        with open(path) as f:
             raw = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise DataError(f"cannot read the split file {path}: {exc.strerror or exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise DataError(f"{path} is not a split file: expected an object with train / val / test lists")
     missing = [k for k in ("train", "test") if k not in raw]
     if missing:
         raise DataError(f"{path} lacks the {missing} lists of a split file")
-    root = image_dir or _find_image_dir(os.path.dirname(os.path.abspath(path)), raw["train"][0][0])
+    items = {name: _split_items(path, name, raw.get(name, [])) for name in ("train", "val", "test")}
+    if not items["train"]:
+        raise DataError(f"{path} lists no training images")
+    if image_dir is not None and not os.path.isdir(image_dir):
+        raise DataError(f"the image folder {image_dir!r} does not exist")
+    root = image_dir or _find_image_dir(os.path.dirname(os.path.abspath(path)), items["train"][0][0])
     splits = {}
     for name in ("train", "val", "test"):
-        items = raw.get(name, [])
-        splits[name] = [Record(os.path.join(root, p), int(y), str(c).replace("_", " ")) for p, y, c in items]
+        splits[name] = [Record(os.path.join(root, p), y, str(c).replace("_", " ")) for p, y, c in items[name]]
     classnames = _classnames(splits["train"] + splits["val"] + splits["test"])
     return RecordSplits(splits["train"], splits["val"], splits["test"], classnames)
 

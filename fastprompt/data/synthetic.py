@@ -88,6 +88,10 @@ class SyntheticShapes(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Every training set takes the epoch (RecordDataset draws its augmentation from it); these images
+        are the same in every epoch."""
+
     def __getitem__(self, index: int):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + SPLIT_SALT[self.split] * 10_007 + index)
         image = draw(self.labels[index], self.image_size, g)

@@ -1,17 +1,17 @@
 """The prompt-learning methods on top of open_clip: `build(name, clip_model, classnames, **config)`.
 
 Every method is an nn.Module with forward(images) -> logits (B, C), loss(images, labels) -> scalar (its
-own extra terms included), trainable_parameters() and a state_dict() of the trained tensors only. Methods
+own extra terms included), trainable_parameters() (Parameters), parameter_groups(), set_epoch(epoch, epochs),
+describe() and a state_dict() of the trained tensors only (the contract: PromptMethod). Methods
 are imported when first built, so one method's module never weighs on another's import.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 from typing import Iterable
 
-from .base import PromptMethod
+from .base import PromptMethod, option_defaults
 from .checkpoints import load_public_checkpoint
 
 # name -> "module:class" under fastprompt.methods
@@ -37,22 +37,23 @@ def method_class(name: str) -> type:
 
 def options(name: str) -> dict:
     """A method's config arguments and their defaults."""
-    params = list(inspect.signature(method_class(name).__init__).parameters.values())[3:]
-    return {p.name: p.default for p in params}
+    return option_defaults(method_class(name))
+
+
+def check_options(name: str, config: dict) -> None:
+    """ValueError for an unknown method, an option it does not have or a value of the wrong type (before
+    anything is built: the harness calls it on a run's configuration, build() on every build)."""
+    method_class(name).check_options(config)
 
 
 def build(name: str, clip_model, classnames: Iterable[str], **config) -> PromptMethod:
     """The method `name` around a frozen open_clip model (its parameters are frozen in place)."""
-    known = options(name)
-    unknown = sorted(set(config) - set(known))
-    if unknown:
-        raise ValueError(f"{name} has no option {', '.join(unknown)}; its options are "
-                         + ", ".join(f"{k}={v!r}" for k, v in known.items()))
+    check_options(name, config)
     return method_class(name)(clip_model, classnames, **config)
 
 
-__all__ = ["METHODS", "PromptMethod", "SMALL_MODEL_CONFIGS", "build", "load_public_checkpoint", "method_class",
-           "options"]
+__all__ = ["METHODS", "PromptMethod", "SMALL_MODEL_CONFIGS", "build", "check_options", "load_public_checkpoint",
+           "method_class", "options"]
 
 
 # Configurations that fit the small built-in CLIPs (4 to 6 blocks per tower; the defaults assume 12): the

@@ -3,6 +3,7 @@ state_dict of trained parameters only, the text-feature cache of evaluation, and
 
 from __future__ import annotations
 
+import typing
 from typing import Iterable, Optional
 
 import torch
@@ -17,12 +18,23 @@ class PromptMethod(nn.Module):
     """Base class of the methods. Subclasses implement `logits_and_extras(images)` and say whether their text
     features depend on the images (`text_depends_on_images`); the rest is shared.
 
-    forward(images) -> logits (B, C); loss(images, labels) -> scalar (cross-entropy plus the method's own
-    terms); trainable_parameters() -> parameters or parameter groups; state_dict() -> trained tensors only.
+    The contract the training harness relies on (every method has all of it, so the trainer never probes):
+      forward(images) -> logits (B, C); loss(images, labels) -> scalar (cross-entropy plus the method's own
+        terms); loss_and_logits(images, labels) -> both from one forward;
+      trainable_parameters() -> the trained Parameters (a flat list, for every method);
+      parameter_groups() -> optimiser parameter groups over the same Parameters (one group, or several where a
+        method trains parts at their own learning rates: DPT);
+      set_epoch(epoch, epochs) -> None, called before every epoch with the run's length (a no-op unless the
+        method's loss changes over the run: DPT);
+      describe() -> what the run log records about the method;
+      check_options(config) (a classmethod) -> the options' names and types are checked before anything is
+        built, by `methods.build` and by the harness (values are checked by the constructor);
+      state_dict() -> trained tensors only.
     """
 
     name = "base"
     text_depends_on_images = False
+    text_path = None  # a TextPath where the method runs the text tower (all but vpt_deep)
 
     def __init__(self, clip_model: nn.Module, classnames: Iterable[str], backend: str = "auto"):
         super().__init__()
@@ -78,10 +90,44 @@ class PromptMethod(nn.Module):
         self._text_cache = None
         return super().train(mode)
 
+    # ---- what the harness calls -------------------------------------------------------------------
+    @classmethod
+    def check_options(cls, config: dict) -> None:
+        """Raise ValueError for an option the method does not have, or a value of the wrong type (a string
+        where an int is expected, as `--opt n_ctx=abc` gives), naming the option and what it takes; ranges
+        are the constructor's to check. Options are the constructor's keyword arguments after the class
+        names, their types its annotations."""
+        known = option_defaults(cls)
+        unknown = sorted(set(config) - set(known))
+        if unknown:
+            raise ValueError(f"{cls.name} has no option {', '.join(unknown)}; its options are "
+                             + ", ".join(f"{k}={v!r}" for k, v in known.items() if k != "backend"))
+        hints = typing.get_type_hints(cls.__init__)
+        for key, value in config.items():
+            expected = hints.get(key)
+            if expected is not None and not _is_instance(value, expected):
+                raise ValueError(f"{cls.name} option {key} takes {_type_name(expected)}, got {value!r}")
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the trainer before each epoch (0-based) with the run's number of epochs, also on resume.
+        Nothing happens by default; a method whose loss changes over the run overrides it."""
+
+    def describe(self) -> dict:
+        """What the run log records about the method: its name, the number of trained scalars and the text
+        tower's path (packing, prefix reuse, chunking; None for a method without a text prompt)."""
+        return dict(name=self.name, trained_parameters=sum(p.numel() for p in self.trainable_parameters()),
+                    text_path=self.text_path.describe() if self.text_path is not None else None)
+
     # ---- parameters and checkpoints ------------------------------------------------------------
     def trainable_parameters(self) -> list:
-        """Parameters to optimise (parameter groups where the method uses several learning rates)."""
+        """The Parameters to optimise, a flat list (the same kind for every method)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_groups(self) -> list:
+        """Optimiser parameter groups over trainable_parameters(): one group without a learning rate of its
+        own by default (the run's applies); a method training parts at their own rates overrides it, each
+        group then carrying its "lr"."""
+        return [{"params": self.trainable_parameters()}]
 
     def _untrained_names(self) -> set:
         """Parameter names a checkpoint leaves out: the frozen CLIP and any frozen part of the method (such as
@@ -159,9 +205,57 @@ def encode_prompted_image(clip, images: Tensor, shallow: Tensor, deep: dict, bac
     return clip.encode_image_stream(x, ReplaceRows(clip.vision_blocks, deep, None, backend), checkpoint=checkpoint)
 
 
+def option_defaults(cls) -> dict:
+    """A method class's options and their defaults: the constructor's arguments after the CLIP and the class
+    names."""
+    import inspect
+
+    params = list(inspect.signature(cls.__init__).parameters.values())[3:]
+    return {p.name: p.default for p in params}
+
+
+def _is_instance(value, expected) -> bool:
+    """isinstance against an annotation of the methods' options: int, float, bool, str, Optional[...]. An int
+    is not taken for a bool (nor a bool for an int), an int is taken for a float."""
+    if expected is typing.Any:
+        return True
+    args = typing.get_args(expected)
+    if typing.get_origin(expected) is typing.Union:
+        return any(_is_instance(value, a) for a in args)
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(expected, type):
+        return isinstance(value, expected)
+    return True  # an annotation these options do not use: the constructor decides
+
+
+def _type_name(expected) -> str:
+    if typing.get_origin(expected) is typing.Union:
+        names = [_type_name(a) for a in typing.get_args(expected) if a is not type(None)]
+        none = type(None) in typing.get_args(expected)
+        return " or ".join(names) + (" or None" if none else "")
+    return {bool: "True or False", int: "an int", float: "a number", str: "a string"}.get(
+        expected, getattr(expected, "__name__", str(expected)))
+
+
+def small_model_hint(method: str) -> str:
+    """The end of a depth error: the defaults assume 12 blocks, the small built-in CLIPs have 4 to 6."""
+    from . import SMALL_MODEL_CONFIGS
+
+    return (f" (the defaults assume 12 blocks; on the small built-in CLIPs fastprompt-tiny / -small use "
+            f"fastprompt.methods.SMALL_MODEL_CONFIGS[{method!r}] = {SMALL_MODEL_CONFIGS.get(method, {})})")
+
+
 def check_depth(method: str, depth: int, layers: int, what: str) -> None:
     if not 0 <= depth <= layers:
-        raise ValueError(f"{method}: {what} depth {depth} is out of range: this model's tower has {layers} blocks")
+        raise ValueError(f"{method}: {what} depth {depth} is out of range: this model's tower has {layers} "
+                         f"blocks{small_model_hint(method)}")
 
 
 def check_tokens(method: str, **counts: int) -> None:

@@ -23,7 +23,7 @@ class is the label. forward(images) gives the prompted-image × learned-text log
 The first phase is the first half of the run (DESIGN.md: epochs < 30 of 60). The public code switches at a
 fixed epoch (PRETRAIN.C = 30, set beside MAX_EPOCH = 60 in its script), so a fixed 30 would never switch in a
 20-epoch run. Here the switch is epoch ceil(switch_fraction · epochs) (0.5: 30 of 60, 10 of 20), resolved
-against the run's length, which the trainer sets (`epoch` and `epochs`, plain attributes); switch_epoch=N
+against the run's length, which the trainer sets (set_epoch(epoch, epochs): plain attributes); switch_epoch=N
 fixes it at epoch N as the public code does. Epoch 0 is in the first phase of a run of any length, so a
 method used outside the trainer needs `epochs` (or switch_epoch) only past epoch 0.
 
@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 from .. import insert_prompts
 from ..clip import BlockHooks, Slot, clean_classname
-from .base import PromptMethod, normal_init
+from .base import PromptMethod, normal_init, small_model_hint
 from .text import TextPath, TextPrompts, context_init
 
 EARLY_LEARNED_TEXT_WEIGHT = 0.1  # weight of CE(prompted image, learned text) in the first phase
@@ -151,7 +151,8 @@ class DPT(PromptMethod):
         clip, n_cls, layers = self.clip, len(self.classnames), self.clip.vision_layers
         if not 1 <= bottom_limit <= layers + 1:
             raise ValueError(f"dpt: bottom_limit {bottom_limit} is out of range: it is 1-based (CAVPT in blocks "
-                             f"bottom_limit..{layers}), from 1 to {layers + 1} for this model's {layers} blocks")
+                             f"bottom_limit..{layers}), from 1 to {layers + 1} for this model's {layers} blocks"
+                             + small_model_hint(self.name))
         for what, value, low in (("n_ctx", n_ctx, 1), ("top_k", top_k, 1), ("qk_dim", qk_dim, 1),
                                  ("n_visual_tokens", n_visual_tokens, 0), ("n_cavpt_tokens", n_cavpt_tokens, 0)):
             if value < low:
@@ -184,10 +185,14 @@ class DPT(PromptMethod):
         self.cavpt = nn.ModuleList([CAVPT(clip.embed_dim, clip.vision_width, n_cls, n_cavpt_tokens, qk_dim)
                                     for _ in range(layers - bottom_limit + 1)])
 
-    def trainable_parameters(self) -> list:
+    def parameter_groups(self) -> list:
         """Two groups: the CoOp context at ctx_lr, the visual prompts and CAVPT at lr."""
         rest = [p for name, p in self.named_parameters() if p.requires_grad and name != "ctx"]
         return [{"params": [self.ctx], "lr": self.ctx_lr}, {"params": rest, "lr": self.lr}]
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """The loss switches phase at an epoch resolved against the run's length (switch_at)."""
+        self.epoch, self.epochs = epoch, epochs
 
     def text_features(self) -> Tensor:
         """The learned (CoOp) text features (C, E), unnormalised."""

@@ -18,6 +18,12 @@ from ..ops.cmpa import cross_modal_prompt_attention
 from ..reference.cmpa import FUSINGS, CMPASideParams
 
 
+# The keys of the design_details dict the public DCP code passes down its model (trainers/cmpa.py), all
+# accepted so that its dict can be handed over as it is; a key outside them is a mistake (a misspelt "fusing").
+DESIGN_DETAILS_KEYS = ("trainer", "vision_depth", "language_depth", "vision_ctx", "language_ctx", "cmpa_length",
+                       "fusing", "parameter_sharing")
+
+
 class QuickGELU(nn.Module):
     """x·σ(1.702x), CLIP's activation (present for the module structure; the op applies it)."""
 
@@ -56,6 +62,15 @@ class CrossModalPromptAttention(nn.Module):
                  n_head_text: int = 8, design_details: Optional[dict] = None, *, fusing: Optional[str] = None,
                  batch_first: bool = False, backend: str = "auto"):
         super().__init__()
+        unknown = sorted(set(design_details or {}) - set(DESIGN_DETAILS_KEYS))
+        if unknown:
+            raise ValueError(f"CrossModalPromptAttention: design_details has no key {', '.join(map(repr, unknown))}; "
+                             f"the original's keys are {', '.join(DESIGN_DETAILS_KEYS)} (only 'fusing' is read)")
+        for side, width, heads in (("visual", d_model_visual, n_head_visual), ("text", d_model_text, n_head_text)):
+            if not (isinstance(width, int) and isinstance(heads, int) and width >= 1 and heads >= 1
+                    and width % heads == 0):
+                raise ValueError(f"CrossModalPromptAttention: n_head_{side}={heads!r} must be a whole number of at "
+                                 f"least 1 dividing d_model_{side}={width!r} (each head takes width / heads)")
         from_details = (design_details or {}).get("fusing")
         if fusing is not None and from_details is not None and fusing != from_details:
             raise ValueError(f"CrossModalPromptAttention: fusing={fusing!r} contradicts "

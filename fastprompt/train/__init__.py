@@ -1,7 +1,8 @@
-"""The training harness: runs, protocols of the field, plots and step benchmarks."""
+"""The training harness: runs, protocols of the field, plots, comparisons and step benchmarks."""
 
 from .config import ConfigError, TrainConfig
 from .metrics import MetricsLog, read_metrics
-from .trainer import Trainer, train
+from .trainer import Trainer, TrainingDiverged, TrainingInterrupted, train
 
-__all__ = ["ConfigError", "MetricsLog", "TrainConfig", "Trainer", "read_metrics", "train"]
+__all__ = ["ConfigError", "MetricsLog", "TrainConfig", "Trainer", "TrainingDiverged", "TrainingInterrupted",
+           "read_metrics", "train"]

@@ -11,6 +11,7 @@ the loss have scopes of their own. What no scope claims is "other" (the method's
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Optional
@@ -20,6 +21,7 @@ import torch
 from .. import backends, methods
 from ..clip import SMALL_CONFIGS, create_clip
 from ..data import SyntheticShapes
+from .config import ConfigError
 
 PARTS = ("text tower", "image tower", "prompt ops", "loss", "optimizer", "other")
 SCOPES = {"fastprompt.text_tower": "text tower", "fastprompt.image_tower": "image tower", "fastprompt.loss": "loss",
@@ -40,8 +42,27 @@ def _step(method, optimizer, images, labels):
         optimizer.zero_grad(set_to_none=True)
 
 
+def check_bench_arguments(method_names, backend_names, batch_size, classes, steps) -> None:
+    """ConfigError for what `fastprompt bench` cannot run, before any model is built."""
+    from .validate import at_least, check_arguments, check_backend_names, check_method_names, optional
+
+    check_method_names(method_names, "bench --methods")
+    check_backend_names(backend_names, "bench --backends")
+    check_arguments("bench", [("--batch-size", batch_size, optional(at_least(1)), "a batch size, at least 1"),
+                              ("--classes", classes, optional(at_least(2)), "a number of classes, at least 2"),
+                              ("--steps", steps, at_least(1), "a number of timed steps, at least 1")])
+
+
+def _quiet_profiler() -> None:
+    """Kineto, the profiler's C++ side, logs its stages (and, without a GPU, a failed device count) to stderr
+    at its default level; fastprompt reads the events and prints a table, so those lines are noise. Its level
+    is read from the environment when it first starts: set here unless the user chose one."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
 def profile_step(method, optimizer, images, labels) -> dict:
     """Milliseconds of one training step per part (CUDA time on a GPU, CPU time otherwise)."""
+    _quiet_profiler()
     device = images.device
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -88,6 +109,7 @@ def bench_steps(method_names: Optional[list] = None, backend_names: Optional[lis
                 steps: int = 5) -> list:
     """One record per (method, backend): images/s (median of `steps` timed steps after two warm-ups) and the
     profile of one step. Defaults: ViT-B-16 at batch 32 on a GPU; fastprompt-tiny at batch 8 on a CPU."""
+    check_bench_arguments(method_names, backend_names, batch_size, classes, steps)
     names = method_names or list(methods.METHODS)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -95,7 +117,14 @@ def bench_steps(method_names: Optional[list] = None, backend_names: Optional[lis
     batch_size = batch_size or (32 if on_gpu else 8)
     chosen = backend_names or [b for b in backends.BACKENDS if backends.unavailable_reason("cmpa", b, device) is None
                            and not (b == "triton" and device.type == "cpu")]
-    clip_model = create_clip(model, device=device)
+    for backend in chosen:  # before any work: a backend asked for that cannot run here
+        reason = backends.unavailable_reason("cmpa", backend, device)
+        if reason is not None:
+            raise backends.BackendUnavailableError(f"bench --backends {backend}: {reason}")
+    try:
+        clip_model = create_clip(model, device=device)
+    except (ValueError, RuntimeError) as exc:  # an unknown model name
+        raise ConfigError(f"bench --model {model!r}: {exc}") from exc
     size = clip_model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     n_classes = classes or (100 if on_gpu else 8)

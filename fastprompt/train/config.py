@@ -63,6 +63,13 @@ class TrainConfig:
     resume: bool = True                 # continue from output/checkpoint.pt when `output` names a run
     progress: bool = True
 
+    def validate(self) -> "TrainConfig":
+        """Every setting checked (train/validate.py's table); ConfigError / DataError naming each problem, else
+        the config itself. The Trainer calls it before anything is built."""
+        from .validate import check_config
+
+        return check_config(self)
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 

@@ -9,6 +9,10 @@ ends in a summary table (mean ± std over seeds), as the papers report them.
 
 With no data the recipes run on the built-in shapes; a target of the transfer recipes is then the shapes
 drawn with another seed (new images of the same classes), which exercises the recipe, not a real transfer.
+
+Every run a protocol will make is planned first and its requirements checked before the first one trains:
+its settings (validate.check_config), its shots per class and every image it will read (on disk), and the
+target datasets; an error found there costs seconds, not the runs before it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Optional
 
 from .config import ConfigError, TrainConfig, fresh_output
 from .trainer import Trainer
+from .validate import check_config, is_int
 
 PROTOCOLS = ("base2new", "fewshot", "cross_dataset", "domain_generalization")
 FEW_SHOTS = (1, 2, 4, 8, 16)
@@ -39,40 +44,101 @@ def _run(config: TrainConfig, output: str, **changes) -> Trainer:
     return trainer
 
 
-def run_protocol(name: str, config: TrainConfig, seeds=(1, 2, 3), targets: Optional[list] = None,
-                 shots_list=FEW_SHOTS) -> tuple[str, dict]:
-    """Run protocol `name` from the base `config` (its output folder holds one folder per run); returns the
-    markdown summary table and the raw numbers {row: {column: [value per seed]}}."""
+# the settings a protocol sets itself, per protocol: giving them as well is an error, not a silent override
+SET_BY = {"base2new": {"subsample": "base2new trains on the base classes", "seed": "the protocol runs --seeds"},
+          "fewshot": {"shots": "fewshot trains with each K of --shots-list", "seed": "the protocol runs --seeds",
+                      "subsample": "fewshot trains on all classes"},
+          "cross_dataset": {"seed": "the protocol runs --seeds", "subsample": "the source trains on all classes"},
+          "domain_generalization": {"seed": "the protocol runs --seeds",
+                                    "subsample": "the source trains on all classes"}}
+
+
+def check_protocol_flags(name: str, given: set) -> None:
+    """ConfigError for a run option (TrainConfig field) given on the command line that protocol `name` sets
+    itself."""
+    from .validate import flag
+
     if name not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {name!r}; protocols are {', '.join(PROTOCOLS)}")
+    clashes = [f"{flag(field)}: {why}" for field, why in SET_BY[name].items() if field in given]
+    if clashes:
+        raise ConfigError(f"{name} sets these itself, leave them out: " + "; ".join(clashes))
+
+
+def _check_list(what: str, values, low: int) -> list:
+    values = list(values)
+    if not values or not all(is_int(v) and v >= low for v in values):
+        raise ConfigError(f"{what} takes whole numbers of at least {low}, got {values}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{what} lists {sorted(v for v in set(values) if values.count(v) > 1)} twice: each run "
+                          "would overwrite the other's folder")
+    return values
+
+
+def plan(name: str, config: TrainConfig, seeds, targets: Optional[list], shots_list) -> list:
+    """The runs of protocol `name`: (folder name, config changes) in the order they train. Checks the
+    protocol's own arguments."""
+    if name not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {name!r}; protocols are {', '.join(PROTOCOLS)}")
+    seeds = _check_list("--seeds", seeds, 0)
+    if targets is not None and name not in ("cross_dataset", "domain_generalization"):
+        raise ConfigError(f"--targets applies to cross_dataset and domain_generalization, not {name}")
+    if shots_list is not None and name != "fewshot":
+        raise ConfigError(f"--shots-list applies to fewshot, not {name} (it trains with --shots)")
+    if name == "base2new":
+        return [(f"seed{seed}", dict(seed=seed, subsample="base")) for seed in seeds]
+    if name == "fewshot":
+        shots = _check_list("--shots-list", FEW_SHOTS if shots_list is None else shots_list, 1)
+        return [(f"{k}shot-seed{seed}", dict(seed=seed, shots=k)) for k in shots for seed in seeds]
+    return [(f"seed{seed}", dict(seed=seed)) for seed in seeds]
+
+
+def check_runs(config: TrainConfig, runs: list, targets: Optional[list]) -> None:
+    """Everything the planned runs need that can be known without training: each one's settings, its shots
+    per class and readable images (on disk), and the targets' images; raises on the first problem."""
+    from ..data import task_records
+
+    for _, changes in runs:
+        run = check_config(dataclasses.replace(config, **changes))
+        if run.data is not None:
+            task_records(run.data, shots=run.shots, seed=run.seed, subsample=run.subsample,
+                         split_file=run.split_file, image_dir=run.image_dir)
+    for target in targets or []:
+        if not os.path.isdir(target):
+            raise ConfigError(f"the target dataset {target!r} does not exist")
+        task_records(target, shots=0)
+
+
+def run_protocol(name: str, config: TrainConfig, seeds=(1, 2, 3), targets: Optional[list] = None,
+                 shots_list=None) -> tuple[str, dict]:
+    """Run protocol `name` from the base `config` (its output folder holds one folder per run); returns the
+    markdown summary table and the raw numbers {row: {column: [value per seed]}}. shots_list (fewshot only)
+    defaults to 1, 2, 4, 8, 16. Every run is checked before the first trains (module docstring)."""
+    seeds = (1, 2, 3) if seeds is None else seeds
+    runs = plan(name, config, seeds, targets, shots_list)
+    check_runs(config, runs, targets)
     root = config.output
     if root is None:  # a fresh runs/<protocol>-<method>-<time>: every rank must name the same one itself
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("under torchrun a protocol needs an explicit --output (the same on every rank)")
         root = fresh_output(f"{name}-{config.method}")
     rows: dict = {}
-    if name == "base2new":
-        for seed in seeds:
-            trainer = _run(config, os.path.join(root, f"seed{seed}"), seed=seed, subsample="base")
-            last = trainer.evaluate()
-            for column in ("base", "new", "hm"):
+    targets = targets or [None]
+    columns = {"base2new": ["base", "new", "hm"], "fewshot": ["top-1"]}.get(
+        name, ["source"] + [_target_name(t) for t in targets])
+    for folder, changes in runs:
+        trainer = _run(config, os.path.join(root, folder), **changes)
+        last = trainer.evaluate()
+        if name == "base2new":
+            for column in columns:
                 rows.setdefault(config.method, {}).setdefault(column, []).append(last[column])
-        columns = ["base", "new", "hm"]
-    elif name == "fewshot":
-        for shots in shots_list:
-            for seed in seeds:
-                trainer = _run(config, os.path.join(root, f"{shots}shot-seed{seed}"), seed=seed, shots=shots)
-                rows.setdefault(f"{shots} shots", {}).setdefault("top-1", []).append(trainer.evaluate()["test"])
-        columns = ["top-1"]
-    else:
-        targets = targets or [None]
-        columns = ["source"] + [_target_name(t) for t in targets]
-        for seed in seeds:
-            trainer = _run(config, os.path.join(root, f"seed{seed}"), seed=seed)
+        elif name == "fewshot":
+            rows.setdefault(f"{changes['shots']} shots", {}).setdefault("top-1", []).append(last["test"])
+        else:
             row = rows.setdefault(config.method, {})
-            row.setdefault("source", []).append(trainer.evaluate()["test"])
+            row.setdefault("source", []).append(last["test"])
             for target, column in zip(targets, columns[1:]):
-                row.setdefault(column, []).append(_evaluate_target(trainer, target, seed))
+                row.setdefault(column, []).append(_evaluate_target(trainer, target, changes["seed"]))
     table = [f"{name}: {config.method} on {config.data or 'the built-in shapes'}, seeds {list(seeds)}", "",
              "| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row, values in rows.items():
@@ -92,7 +158,9 @@ def _evaluate_target(trainer: Trainer, target: Optional[str], seed: int) -> floa
     """Top-1 of a trained run on another dataset, all of its classes."""
     from ..data import build_task
 
-    task = build_task(trainer.clip_model, target, shots=0, seed=seed + 1000 if target is None else seed,
+    # shots only draws the training set: 0 keeps every image of a target on disk, the shapes need at least 1
+    task = build_task(trainer.clip_model, target, shots=0 if target else 1,
+                      seed=seed + 1000 if target is None else seed,
                       synthetic_classes=trainer.config.synthetic_classes)
     dataset, classnames = task.evaluations["test"]
     return trainer.evaluate_on(dataset, classnames)

@@ -11,6 +11,12 @@ and the training seconds so far. A run stopped at any point resumes from its las
 interrupted epoch from its start (or from the batch where max_steps stopped it): the same parameters as a
 run never stopped, and a wall clock that continues.
 
+Ctrl-C (SIGINT) stops a run cleanly: the step in progress finishes, a checkpoint is saved at that step (also in
+the middle of an epoch; in an evaluation, at the end of the epoch's training, so that the resume evaluates it)
+and fit() raises TrainingInterrupted, which `fastprompt train` turns into one line naming the checkpoint and the
+command that resumes it (exit status 130). A second Ctrl-C stops at once, without saving. A loss that is not
+finite stops the run with TrainingDiverged naming the step; nothing of that step is saved.
+
 What that leaves to chance is the order of floating-point reductions in kernels that choose it at run time
 (cuBLAS workspaces, cuDNN autotuning, atomics). Deterministic mode (`deterministic=True`) removes it for the
 run's training and evaluation and restores the process's settings afterwards (`deterministic_mode`).
@@ -24,8 +30,10 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -38,18 +46,25 @@ from ..clip import create_clip
 from ..data import DataError, build_task
 from ..methods.distributed import local_only
 from .config import ConfigError, TrainConfig, config_differences, fresh_output
+from .device import resolve_device
 from .metrics import MetricsLog, read_metrics
 
 
-def _check_method(config: TrainConfig) -> None:
-    """The method and its options exist (before anything is built or written)."""
-    if config.method not in methods.METHODS:
-        raise ConfigError(f"unknown method {config.method!r}; methods are {', '.join(methods.METHODS)}")
-    known = methods.options(config.method)
-    unknown = sorted(set(config.method_config or {}) - set(known))
-    if unknown:
-        raise ConfigError(f"{config.method} has no option {', '.join(unknown)}; its options are "
-                          + ", ".join(f"{k}={v!r}" for k, v in known.items() if k != "backend"))
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run at `step`, saved in `checkpoint` (None: a second Ctrl-C, nothing saved since the
+    last checkpoint, at `step`). `position` says where in the run that is, for people."""
+
+    def __init__(self, step: int, position: str, checkpoint: Optional[str]):
+        super().__init__(f"interrupted at step {step} ({position})")
+        self.step, self.position, self.checkpoint = step, position, checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step and what was kept."""
+
+
+class _EvaluationStopped(Exception):
+    """Ctrl-C during an evaluation inside fit(): the evaluation is abandoned, the run saved before it."""
 
 
 def method_config(config: TrainConfig) -> dict:
@@ -96,7 +111,7 @@ class EpochPermutation(Sampler):
         return iter(self.indices())
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world) - self.skip
+        return max(math.ceil(self.n / self.world) - self.skip, 0)
 
 
 def learning_rate(base: float, epoch: int, config: TrainConfig) -> float:
@@ -168,12 +183,16 @@ class Trainer:
     """fit() trains `config.epochs` epochs (from the last checkpoint when one exists) and returns the last
     evaluation; evaluate() measures top-1 on the run's evaluation sets."""
 
-    def __init__(self, config: TrainConfig, *, stop_after: Optional[int] = None):
-        self.config = config
+    def __init__(self, config: TrainConfig, *, stop_after: Optional[int] = None,
+                 announce: Optional[Callable[[str], None]] = None):
+        self.config = config.validate()  # before anything is built, read or written
+        if stop_after is not None and not (isinstance(stop_after, int) and stop_after >= 1):
+            raise ConfigError(f"--stop-after takes a number of epochs, at least 1, got {stop_after!r}")
         self.stop_after = stop_after  # epochs to run in this invocation (a job with a time limit)
+        self.announce = announce or (lambda message: None)  # where a resume says where it starts (rank 0)
+        self._stop_requested = False  # set by the first Ctrl-C of fit(): stop at the end of the step
         self._setup_distributed()
         self._seed_everything(config.seed)
-        _check_method(config)
         try:
             self.clip_model = create_clip(config.model, config.pretrained, seed=config.seed)
         except (ValueError, RuntimeError) as exc:  # an unknown model name, weights that do not load
@@ -191,11 +210,13 @@ class Trainer:
         except ValueError as exc:  # the methods validate their options with ValueError (depth, n_ctx, ...)
             raise ConfigError(f"{config.method} with options {self.method_config}: {exc}") from exc
         self.precision = self._precision()
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == torch.float16 else None
-        groups = self.method.trainable_parameters()
-        groups = [g if isinstance(g, dict) else {"params": [g]} for g in groups]
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == torch.float16 else None
+        groups = self.method.parameter_groups()
         for g in groups:
             g["base_lr"] = g.get("lr", config.lr)
+            if not (isinstance(g["base_lr"], (int, float)) and math.isfinite(g["base_lr"]) and g["base_lr"] > 0):
+                raise ConfigError(f"{config.method} trains a parameter group at learning rate {g['base_lr']!r}: "
+                                  "learning rates are finite numbers above 0")
         self.optimizer_name = resolve_optimizer(config)
         if self.optimizer_name == "sgd":
             self.optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
@@ -217,20 +238,16 @@ class Trainer:
         # the position: `epoch` the last epoch completed, `batches_done` batches of the next one trained (a
         # max_steps stop), `wall_s` training seconds so far (a resumed run's clock continues from it)
         self.epoch, self.step, self.batches_done, self.wall_s = 0, 0, 0, 0.0
+        self.saved_step: Optional[int] = None  # the step of the last checkpoint written or read
 
     # ---- set-up ------------------------------------------------------------------------------------
     def _setup_distributed(self) -> None:
+        self.device = resolve_device(self.config.device)  # with its index: the local rank's under torchrun
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        wants_cuda = self.config.device in ("auto", "cuda") and torch.cuda.is_available()
         if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if wants_cuda else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        if self.config.device == "auto":
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            self.device = torch.device(f"cuda:{local}") if wants_cuda else torch.device("cpu")
-        else:
-            self.device = torch.device(self.config.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
@@ -282,6 +299,7 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        self.saved_step = self.step
         if self.rank != 0:
             return
         state = {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -310,6 +328,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.batches_done, self.wall_s = state.get("batches_done", 0), state.get("wall_s", 0.0)
+        self.saved_step = self.step
         _set_rng_state(state["rng"], self.device)
         self.log.truncate_after(self.step)
         return True
@@ -340,6 +359,8 @@ class Trainer:
             loader = DataLoader(dataset, batch_size=self.config.eval_batch_size, shuffle=False,
                                 num_workers=self.config.num_workers)
             for images, labels in loader:
+                if self._stop_requested and self.world == 1:  # under DDP the others wait: finish it
+                    raise _EvaluationStopped
                 images, labels = images.to(self.device), labels.to(self.device)
                 with self._autocast():
                     logits = method(images)
@@ -361,8 +382,7 @@ class Trainer:
     def _loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
         self.sampler.set_epoch(epoch)
         self.sampler.skip = skip_batches * self.config.batch_size
-        if hasattr(self.task.train, "set_epoch"):  # augmentation drawn from (seed, epoch, index): RecordDataset
-            self.task.train.set_epoch(epoch)
+        self.task.train.set_epoch(epoch)  # augmentation drawn from (seed, epoch, index)
         return DataLoader(self.task.train, batch_size=self.config.batch_size, sampler=self.sampler,
                           num_workers=self.config.num_workers,
                           generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
@@ -375,26 +395,80 @@ class Trainer:
         return (t / self.world).tolist()
 
     def fit(self) -> dict:
-        """Train to the end of the run (or `stop_after` epochs, or `max_steps`); the last evaluation."""
-        with deterministic_mode(self.config.deterministic):
+        """Train to the end of the run (or `stop_after` epochs, or `max_steps`); the last evaluation. Ctrl-C
+        raises TrainingInterrupted once the step in progress is saved (module docstring)."""
+        with deterministic_mode(self.config.deterministic), self._stop_on_sigint():
             return self._fit()
+
+    @contextlib.contextmanager
+    def _stop_on_sigint(self):
+        """During fit(), the first SIGINT asks the loop to stop at the end of the step in progress; a second
+        one raises KeyboardInterrupt where it lands. The process's own handler is restored afterwards. Signal
+        handlers belong to the main thread: elsewhere nothing changes."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def position(self, epoch: int, batches: int) -> str:
+        """Where a run is, for people: 'epoch 2/50, 3 of 8 batches done', or 'epoch 2/50 trained' (its
+        evaluation and checkpoint then come first on resume); epoch 0-based in, 1-based out."""
+        total = self.batches_per_epoch()
+        if batches >= total:
+            return f"epoch {epoch + 1}/{self.config.epochs} trained"
+        return f"epoch {epoch + 1}/{self.config.epochs}, {batches} of {total} batches done"
+
+    def _interrupted(self, epoch: int, batches: int) -> TrainingInterrupted:
+        """Save the run at the step reached (`batches` of `epoch` trained) and say so."""
+        self.epoch, self.batches_done = epoch - 1, batches
+        self.save_checkpoint()
+        return TrainingInterrupted(self.step, self.position(epoch, batches), self.checkpoint_path)
+
+    def _next_batch(self, batches_iter):
+        """The next batch, or None at the end of the epoch or when a stop was asked for while it loaded (a
+        Ctrl-C that reached the DataLoader's workers too ends them: their absence is then no error)."""
+        try:
+            return next(batches_iter)
+        except StopIteration:
+            return None
+        except KeyboardInterrupt:  # raised while loading: no step is half done, the run can be saved
+            self._stop_requested = True
+            return None
+        except RuntimeError:
+            if self._stop_requested:
+                return None
+            raise
 
     def _fit(self) -> dict:
         config = self.config
+        self._stop_requested = False
         self.resumed = resumed = self.load_checkpoint()
         self.steps_run = 0
         start_epoch = self.epoch + 1 if resumed else 0
         if not resumed:
             self.log.reset()
+            described = self.method.describe()
             self.log.write(kind="run", config=json.loads(config.to_json()),
                            data=self.task.description, world_size=self.world, device=str(self.device),
                            precision=str(self.precision or torch.float32), optimizer=self.optimizer_name,
-                           backend=self.resolved_backend(),
-                           text_path=self.method.text_path.describe() if hasattr(self.method, "text_path") else None,
+                           backend=self.resolved_backend(), method=described, text_path=described["text_path"],
                            torch=torch.__version__)
+        elif start_epoch < config.epochs and not self._step_limit_reached():
+            self.announce(f"resuming {config.output} from step {self.step} "
+                          f"({self.position(start_epoch, self.batches_done)})")
         last_eval: dict = {}
         ran = 0
-        skip = self.batches_done if resumed else 0  # batches of start_epoch trained before a max_steps stop
+        skip = self.batches_done if resumed else 0  # batches of start_epoch trained before a stop
         started = time.perf_counter() - (self.wall_s if resumed else 0.0)
         backend = self.backend_label()
         self.method.train()
@@ -403,12 +477,16 @@ class Trainer:
                 break
             for g in self.optimizer.param_groups:
                 g["lr"] = learning_rate(g["base_lr"], epoch, config)
-            if hasattr(self.method, "epoch"):  # methods whose loss changes with the epoch and the run's length (DPT)
-                self.method.epoch, self.method.epochs = epoch, config.epochs
+            self.method.set_epoch(epoch, config.epochs)
             batches = skip if epoch == start_epoch else 0
             loader = self._loader(epoch, skip_batches=batches)
             progress = _progress(loader, f"epoch {epoch + 1}/{config.epochs}", config.progress and self.rank == 0)
-            for images, labels in progress:
+            batches_iter = iter(progress)
+            while not self._step_limit_reached():
+                batch = self._next_batch(batches_iter)
+                if batch is None:
+                    break
+                images, labels = batch
                 t0 = time.perf_counter()
                 images, labels = images.to(self.device), labels.to(self.device)
                 with self._autocast():
@@ -421,26 +499,40 @@ class Trainer:
                     loss.backward()
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                accuracy = (logits.argmax(-1) == labels).float().mean().item() * 100
+                # one collective per step under DDP: the means, and whether any rank was asked to stop
+                loss_v, acc_v, stop = self._mean_over_ranks(loss.item(), accuracy, float(self._stop_requested))
+                if not math.isfinite(loss_v):
+                    raise TrainingDiverged(
+                        f"the training loss is {loss_v} at step {self.step + 1} ({self.position(epoch, batches)}): "
+                        "the run diverged and stopped, nothing of that step saved ("
+                        + (f"{self.checkpoint_path} holds step {self.saved_step}" if self.saved_step is not None
+                           else "no checkpoint was saved yet") + "); lower --lr, or try --precision fp32")
                 self.step += 1
                 self.steps_run += 1
                 batches += 1
-                accuracy = (logits.argmax(-1) == labels).float().mean().item() * 100
-                loss_v, acc_v = self._mean_over_ranks(loss.item(), accuracy)
                 seconds = time.perf_counter() - t0
                 self.log.write(kind="step", step=self.step, epoch=epoch + 1, loss=loss_v, accuracy=acc_v,
                                lr=self.optimizer.param_groups[0]["lr"], images_per_s=labels.numel() * self.world /
                                max(seconds, 1e-9), wall_s=time.perf_counter() - started, backend=backend)
-                if hasattr(progress, "set_postfix"):
-                    progress.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.0f}%")
-                if self._step_limit_reached():
+                progress.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.0f}%")
+                if stop:
+                    self._stop_requested = True
                     break
+            progress.close()
+            self.wall_s = time.perf_counter() - started
+            if self._stop_requested:
+                raise self._interrupted(epoch, batches)
             complete = batches >= self.batches_per_epoch()
-            # a max_steps stop inside the epoch is saved as such, so that a resume trains the rest of it
+            # a stop inside the epoch is saved as such, so that a resume trains the rest of it
             self.epoch, self.batches_done = (epoch, 0) if complete else (epoch - 1, batches)
             ran += complete
             final = (epoch == config.epochs - 1 and complete) or self._step_limit_reached()
             if (complete and config.eval_every and (epoch + 1) % config.eval_every == 0) or final:
-                last_eval = self._evaluate_and_log(epoch, time.perf_counter() - started)
+                try:
+                    last_eval = self._evaluate_and_log(epoch, time.perf_counter() - started)
+                except _EvaluationStopped:  # the epoch is trained: the resume evaluates it first
+                    raise self._interrupted(epoch, batches) from None
             self.wall_s = time.perf_counter() - started
             self.save_checkpoint()
             if self._step_limit_reached():
@@ -469,11 +561,10 @@ class Trainer:
 
 
 def _progress(iterable, description: str, enabled: bool):
-    if not enabled:
-        return iterable
+    """A progress bar over the epoch's batches; disabled, the same object passes the batches through."""
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True, disable=not enabled)
 
 
 def train(config: TrainConfig, stop_after: Optional[int] = None) -> dict:

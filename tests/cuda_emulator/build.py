@@ -85,12 +85,14 @@ def compile_kernels(source: str, name: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     lib = out / f"{name}-{digest.hexdigest()[:16]}.so"
     if not lib.exists():
-        src = out / f"{name}.cpp"
+        # per process: `make test` runs parts side by side, and two of them may build the same library at once
+        src = out / f"{name}.{os.getpid()}.cpp"
         src.write_text(source)
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
         cmd = [cxx, "-std=c++17", "-shared", "-fPIC", *CFLAGS, f"-I{INCLUDE}", f"-I{CSRC}", str(src), str(SCHEDULER),
                "-o", str(tmp)]
         done = subprocess.run(cmd, capture_output=True, text=True)
+        src.unlink(missing_ok=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
         os.replace(tmp, lib)
