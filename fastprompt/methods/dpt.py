@@ -169,7 +169,7 @@ class DPT(PromptMethod):
         self.epoch, self.epochs = 0, None
 
         # text: CoOp, class at the end
-        self.ctx, self.n_ctx = context_init(clip, n_ctx, None)
+        self.ctx, self.n_ctx, _ = context_init(clip, n_ctx, None)
         self.prompts = TextPrompts(clip, [[Slot("ctx", self.n_ctx), " " + clean_classname(c) + "."]
                                           for c in self.classnames], backend)
         tokens = open_clip.tokenize([template.format(clean_classname(c)) for c in self.classnames],

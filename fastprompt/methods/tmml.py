@@ -64,7 +64,7 @@ class TMML(PromptMethod):
         super().__init__(clip_model, classnames, backend)
         clip = self.clip
         e, dt = clip.embed_dim, clip.text_width
-        self.ctx, self.n_ctx = context_init(clip, n_ctx, ctx_init)
+        self.ctx, self.n_ctx, words = context_init(clip, n_ctx, ctx_init)  # one vector per word, as CoCoOp
         self.ctp = SingleHeadCrossAttention(e, attn_dim)
         self.ctp_mlp = nn.Sequential(OrderedDict([
             ("linear1", nn.Linear(e, e // 16)),
@@ -78,8 +78,8 @@ class TMML(PromptMethod):
         names = [clean_classname(c) for c in self.classnames]
         # the context comes first, so its slot is row 1 of every class: one int offset for all B·C sequences
         # every (image, class) sequence has its own context: only SOS is shared
-        self.prompts = TextPrompts(clip, [[Slot("ctx", self.n_ctx), " " + name + "."] for name in names], backend,
-                                   shared_rows=1)
+        self.prompts = TextPrompts(clip, [[Slot("ctx", self.n_ctx), " ".join(["", *words.split(), name]) + "."]
+                                          for name in names], backend, shared_rows=1)
         tokens = open_clip.tokenize([f"a photo of a {name}." for name in names], context_length=clip.context_length)
         tokens = tokens.to(clip.model.logit_scale.device)
         with torch.no_grad():  # t_c, frozen: recomputed from the class names, so not in checkpoints
