@@ -34,9 +34,13 @@ Choices where DESIGN.md is silent (the public code decides where it is explicit)
 - Keys and values are the block's input residual stream (class and patch tokens, before ln_1; the previous
   block's prompts are already dropped), detached; the learnable tokens are not detached.
 - The auxiliary cross-entropy is the mean over the matched slots of all CAVPT blocks together, as the public
-  code (which averages over the selected rows), not over the batch. With no matched slot it is 0, computed
-  as a masked mean so that no host synchronisation happens and every parameter stays in the graph (zero
-  gradient, which DDP without find_unused_parameters needs). Under DDP the mean is per rank.
+  code (which averages over the selected rows), not over the batch. On a batch where no slot matches (no
+  image's top-K holds its label) the term is left out of the loss, as the public code does: the auxiliary
+  classifiers and LN_aux, which only that term reaches, then get no gradient at all (grad None), so SGD
+  applies neither momentum nor weight decay to them on that step, exactly as there; a zero gradient would
+  decay them. Knowing whether a slot matches is one host synchronisation per step (the public code's boolean
+  indexing makes the same one). The trainer's DDP wrapper finds such unused parameters
+  (find_unused_parameters); the mean is per rank.
 - top_k larger than the number of classes is clamped to it (as the public code).
 - Batch invariance: q0 = Linear(T) and its query projection are computed per class (C rows) and gathered, and
   Wo is applied to the values before the weighted sum (the same product), so that every GEMM of the CAVPT
@@ -46,7 +50,7 @@ Choices where DESIGN.md is silent (the public code decides where it is explicit)
   without autograd: the CLIP is frozen and nothing is prompted before ln_pre.
 - The template text features are a frozen buffer computed once (the public code holds them in a Parameter
   that no optimiser sees). `epoch` and `epochs` are plain attributes, not in the state_dict: the trainer sets
-  them, also on resume. bottom_limit = L + 1 leaves no CAVPT block (CoOp + VPT-deep under the DPT loss, aux term 0);
+  them, also on resume. bottom_limit = L + 1 leaves no CAVPT block (CoOp + VPT-deep under the DPT loss, no aux term);
   n_visual_tokens = 0 leaves no VPT prompt.
 - Evaluation still runs the zero-shot forward per batch (the prompts depend on each image's top-K); the
   learned text features are computed once per evaluation (cached_text_features).
@@ -212,16 +216,18 @@ class DPT(PromptMethod):
                       top_k=top, aux_logits=aux)
         return self.clip_logits(image_features, text), extras
 
-    def aux_loss(self, aux_logits: Optional[Tensor], top: Tensor, labels: Tensor) -> Tensor:
+    def aux_loss(self, aux_logits: Optional[Tensor], top: Tensor, labels: Tensor) -> Optional[Tensor]:
         """Mean cross-entropy of the aux logits over the slots (of every CAVPT block) whose class is the label;
-        0 when no slot matches."""
+        None when no slot matches (or there is no CAVPT block): the loss then leaves the term out."""
         if aux_logits is None:
-            return torch.zeros((), device=labels.device)
+            return None
         b, blocks, k, n_cls = aux_logits.shape
+        matched = (top == labels[:, None])[:, None].expand(b, blocks, k)
+        if not bool(matched.any()):  # a host sync: the public code's boolean indexing needs the same one
+            return None
         target = labels[:, None, None].expand(b, blocks, k)
         ce = F.cross_entropy(aux_logits.reshape(-1, n_cls), target.reshape(-1), reduction="none").view(b, blocks, k)
-        matched = (top == labels[:, None])[:, None].expand(b, blocks, k)
-        return torch.where(matched, ce, 0.0).sum() / matched.sum().clamp_min(1)
+        return torch.where(matched, ce, 0.0).sum() / matched.sum()
 
     def switch_at(self) -> Optional[int]:
         """The first epoch of the second phase: switch_epoch, else ceil(switch_fraction · epochs); None while the
@@ -246,4 +252,5 @@ class DPT(PromptMethod):
                     + EARLY_LEARNED_TEXT_WEIGHT * F.cross_entropy(logits, labels))
         else:
             loss = F.cross_entropy(logits, labels)
-        return loss + self.aux_weight * self.aux_loss(extras["aux_logits"], extras["top_k"], labels)
+        aux = self.aux_loss(extras["aux_logits"], extras["top_k"], labels)
+        return loss if aux is None else loss + self.aux_weight * aux
