@@ -5,7 +5,8 @@ Three parts, trained together around a frozen CLIP:
 - vision, blocks 0..bottom_limit−2 (bottom_limit is 1-based, as in the public code): VPT-deep, n_visual_tokens
   fresh tokens per block appended at the end of the stream (after ln_pre), dropped after the block;
 - vision, blocks bottom_limit−1..L−1: class-aware visual prompts (CAVPT). A frozen, unprompted image forward
-  gives zero-shot logits against the hand-written template ("a photo of a {}."); its top-K classes select rows
+  gives zero-shot logits against the hand-written template (the dataset's, methods/templates.py, as the public
+  code; "a photo of a {}." by default); its top-K classes select rows
   of the learned CoOp text features T (C, E), unnormalised and not detached, and per block
 
       q0  = T[top-K] W_q0 + b                      (B, K, Dv)   the class queries
@@ -69,6 +70,7 @@ from torch import Tensor, nn
 from .. import insert_prompts
 from ..clip import BlockHooks, Slot, clean_classname
 from .base import PromptMethod, normal_init
+from .templates import check_template
 from .text import TextPath, TextPrompts, context_init
 
 EARLY_LEARNED_TEXT_WEIGHT = 0.1  # weight of CE(prompted image, learned text) in the first phase
@@ -143,6 +145,7 @@ class DPT(PromptMethod):
     class_chunk, checkpoint_text."""
 
     name = "dpt"
+    template_from_dataset = True  # the frozen template text features use the dataset's template, as the public code
 
     def __init__(self, clip_model, classnames: Iterable[str], *, n_ctx: int = 16, n_visual_tokens: int = 10,
                  bottom_limit: int = 12, top_k: int = 10, n_cavpt_tokens: int = 10, qk_dim: int = 32,
@@ -176,6 +179,7 @@ class DPT(PromptMethod):
         self.ctx, self.n_ctx, _ = context_init(clip, n_ctx, None)
         self.prompts = TextPrompts(clip, [[Slot("ctx", self.n_ctx), " " + clean_classname(c) + "."]
                                           for c in self.classnames], backend)
+        (template,) = check_template(self.name, template)
         tokens = open_clip.tokenize([template.format(clean_classname(c)) for c in self.classnames],
                                     context_length=clip.context_length)
         with torch.no_grad():
