@@ -5,6 +5,7 @@ and never paired with the wrong activation.
 The files are made here from a random QuickGELU CLIP with OpenAI's head width (64), its weights rounded to fp16
 (OpenAI's storage), so that the loaded model must reproduce that model's features in fp32."""
 
+import json
 import warnings
 
 import open_clip
@@ -12,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from fastprompt import cli
 from fastprompt.clip import create_clip
 from fastprompt.clip.models import CheckpointError
 
@@ -124,3 +126,23 @@ def test_the_openai_tag_is_built_with_quickgelu(monkeypatch):
     create_clip("ViT-B-16", None, quick_gelu=True)  # random weights: as asked
     assert calls[-1] == ("ViT-B-16", dict(pretrained=None, force_quick_gelu=True))
 
+
+def test_cli_trains_from_an_archive_and_refuses_an_unstated_state_dict(files, tmp_path, capsys):
+    model, folder = files
+    """`--pretrained FILE` without --model: the CLIP is read from the file (here a custom one, 32 px)."""
+    _, folder = files
+
+    def train(weights, output):
+        return cli.main(["train", "--method", "coop", "--opt", "n_ctx=2", "--epochs", "1", "--shots", "1",
+                         "--batch-size", "8", "--no-progress", "--output", str(tmp_path / output),
+                         "--pretrained", str(folder / weights)])
+
+    assert train("ViT-X.pt", "archive") == 0
+    with open(tmp_path / "archive" / "metrics.jsonl") as f:
+        run = json.loads(f.readline())
+    assert run["config"]["model"] is None and run["config"]["pretrained"].endswith("ViT-X.pt")
+    assert run["weights"]["format"] == "openai-archive" and run["weights"]["quick_gelu"] is True
+    capsys.readouterr()
+    assert train("openai_state_dict.pt", "state_dict") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot create the CLIP from ") and "--quick-gelu" in err
