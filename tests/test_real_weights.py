@@ -68,6 +68,9 @@ def files(tmp_path_factory):
     state = {k: v.half() for k, v in model.state_dict().items()}
     torch.save(state, folder / "openai_state_dict.pt")
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, folder / "epoch_3.pt")
+    from safetensors.torch import save_file  # open_clip's hub format (open_clip_model.safetensors)
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "open_clip_model.safetensors"))
     return model, folder
 
 
@@ -84,7 +87,8 @@ def test_an_openai_archive_loads_as_quickgelu_with_the_same_features(files):
         assert _rel(gelu.encode_image(images), model.encode_image(images)) > 1e-3
 
 
-@pytest.mark.parametrize("filename", ["openai_state_dict.pt", "epoch_3.pt"], ids=["bare", "training-checkpoint"])
+@pytest.mark.parametrize("filename", ["openai_state_dict.pt", "epoch_3.pt", "open_clip_model.safetensors"],
+                         ids=["bare", "training-checkpoint", "safetensors"])
 def test_a_state_dict_with_its_activation_stated_gives_the_same_features(files, filename):
     model, folder = files
     _same_features(create_clip(None, str(folder / filename), quick_gelu=True), model)
