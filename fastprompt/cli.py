@@ -1,6 +1,7 @@
 """The `fastprompt` command (also `python -m fastprompt`).
 
   fastprompt train              train a method (no arguments: DCP on the built-in shapes, a small CLIP)
+  fastprompt recipes            the public codes' training configs, by name (train --recipe NAME)
   fastprompt eval RUN           top-1 of a trained run on its evaluation sets
   fastprompt run PROTOCOL       a protocol of the field over seeds, ending in a summary table
   fastprompt plot RUN...        loss and accuracy against steps and seconds (PNG, SVG or PDF)
@@ -47,60 +48,114 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    """The options of a run. Their defaults are TrainConfig's, applied in _config: a value left None here was
-    not given, which the protocols need to know (a flag they would override is an error there)."""
+    """The options of a run. None has an argparse default: a run's configuration is TrainConfig's defaults, then
+    the recipe's values (--recipe), then the options given here (train/recipes.py), so only what is given
+    overrides; the help shows TrainConfig's default."""
     from .train import TrainConfig
 
     d = TrainConfig()
-    p.set_defaults(**{f.name: None for f in dataclasses.fields(TrainConfig)})
-    p.add_argument("--method", help=f"coop, cocoop, vpt_deep, ivlp, maple, dcp, dpt, map_dafe, tmml (default "
-                   f"{d.method})")
-    p.add_argument("--model", help=f"open_clip model name (ViT-B-16, ...) or fastprompt-tiny/-small (default "
-                   f"{d.model})")
-    p.add_argument("--pretrained", help="open_clip pretrained tag (openai, ...) or a local checkpoint")
-    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="a method option, e.g. --opt n_ctx=16")
-    p.add_argument("--data", help="dataset folder (split_*.json or ImageFolder); none: built-in")
-    p.add_argument("--split-file", help="the split_*.json of --data, where it has several")
-    p.add_argument("--image-dir", help="the image folder of the split file (default: found beside it)")
-    p.add_argument("--shots", type=int, help=f"training images per class (default {d.shots}; 0: every image of a "
-                   "dataset on disk)")
-    p.add_argument("--subsample", choices=["all", "base", "new"])
-    p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
-    p.add_argument("--eval-batch-size", type=int, help=f"default {d.eval_batch_size}")
-    p.add_argument("--lr", type=float, help=f"default {d.lr}")
-    p.add_argument("--optimizer", choices=["auto", "sgd", "adamw"],
-                   help="auto: SGD (the field's recipe), AdamW on the built-in data with random weights")
-    p.add_argument("--backend", choices=["auto", "reference", "triton", "cuda"])
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--device", help="auto (default), cpu, cuda (the current device; under torchrun the local "
-                   "rank's) or cuda:N")
-    p.add_argument("--seed", type=int, help=f"default {d.seed}")
-    p.add_argument("--output", help="the run's folder; an existing run there is resumed "
-                   "(default: a fresh runs/<method>-<time>, runs/latest pointing to it)")
-    p.add_argument("--deterministic", action="store_true", default=None)
-    p.add_argument("--no-resume", dest="resume", action="store_false", default=None)
-    p.add_argument("--workers", dest="num_workers", type=int, help=f"default {d.num_workers}")
-    p.add_argument("--eval-every", type=int, help=f"epochs between evaluations (default {d.eval_every}; 0: at "
-                   "the end only)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+    def add(*flags, **kwargs):
+        if "default" in kwargs:
+            kwargs["help"] = (kwargs.get("help", "") + f" (default: {kwargs.pop('default')})").strip()
+        p.add_argument(*flags, default=argparse.SUPPRESS, **kwargs)
+
+    add("--recipe", help="a public code's training config by name, e.g. maple/vit_b16_c2_ep5_batch4_2ctx "
+        "(`fastprompt recipes` lists them); the options given here override its values")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved run configuration as one JSON object and exit")
+    add("--method", default=d.method, help="coop, cocoop, vpt_deep, ivlp, maple, dcp, dpt, map_dafe, tmml, or the "
+        "baseline zeroshot")
+    add("--model", default=f"{d.model}; with --pretrained FILE, read from the weights",
+        help="open_clip model name (ViT-B-16, ...) or fastprompt-tiny/-small")
+    add("--pretrained", help="open_clip pretrained tag (openai, ...) or a local checkpoint: an OpenAI TorchScript "
+        "archive (~/.cache/clip/ViT-B-16.pt), an OpenAI-layout state_dict or an open_clip checkpoint")
+    add("--quick-gelu", dest="quick_gelu", action="store_const", const=True,
+        help="the weights' CLIP uses QuickGELU (OpenAI's): needed for a state_dict under a plain model name")
+    add("--no-quick-gelu", dest="quick_gelu", action="store_const", const=False,
+        help="the weights' CLIP uses GELU (most open_clip / LAION trainings)")
+    add("--opt", action="append", metavar="KEY=VALUE", help="a method option, e.g. --opt n_ctx=16")
+    add("--data", help="dataset folder (split_*.json or ImageFolder); none: built-in")
+    add("--split-file")
+    add("--image-dir")
+    add("--shots", type=int, default=d.shots, help="training images per class (0: every image of a dataset on disk)")
+    add("--subsample", default=d.subsample, choices=["all", "base", "new"])
+    add("--epochs", type=int, default=d.epochs)
+    add("--batch-size", type=int, default=d.batch_size)
+    add("--eval-batch-size", type=int, default=d.eval_batch_size)
+    add("--lr", type=float, default=d.lr)
+    add("--optimizer", default=d.optimizer, choices=["auto", "sgd", "adamw"],
+        help="auto: SGD (the field's recipe), AdamW on the built-in data with random weights")
+    add("--momentum", type=float, default=d.momentum)
+    add("--weight-decay", type=float, default=d.weight_decay)
+    add("--warmup-epochs", type=int, nargs="+", default=d.warmup_epochs,
+        help="constant warm-up epochs; several values: one per parameter group of the method (DPT: context, rest)")
+    add("--warmup-lr", type=float, default=d.warmup_lr)
+    add("--schedule", default=d.schedule, choices=["cosine", "dassl_cosine"],
+        help="the cosine after the warm-up: over the remaining epochs, or Dassl's (the public codes')")
+    add("--image-size", type=int, default="the model's", help="checked against the model")
+    add("--augmentation", nargs="+", default=" ".join(d.augmentation),
+        help="training transforms by Dassl's names: random_resized_crop random_flip normalize")
+    add("--backend", default=d.backend, choices=["auto", "reference", "triton", "cuda"])
+    add("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
+    add("--device", default=d.device, help="auto, cpu, cuda (the current device; under torchrun the local rank's) "
+        "or cuda:N")
+    add("--seed", type=int, default=d.seed)
+    add("--output", help="the run's folder; an existing run there is resumed "
+        "(default: a fresh runs/<method>-<time>, runs/latest pointing to it)")
+    add("--deterministic", action="store_const", const=True)
+    add("--no-resume", dest="resume", action="store_const", const=False)
+    add("--workers", dest="num_workers", type=int, default=d.num_workers)
+    add("--eval-every", type=int, default=d.eval_every, help="epochs between evaluations (0: at the end only)")
+    add("--max-steps", type=int)
+    add("--no-progress", dest="progress", action="store_const", const=False)
 
 
 def _given(args) -> set:
-    """The TrainConfig fields given on the command line."""
+    """The TrainConfig fields given on the command line (the others have no value in `args`)."""
     from .train import TrainConfig
 
     return {f.name for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None} | (
-        {"method_config"} if args.opt else set())
+        {"method_config"} if getattr(args, "opt", None) else set())
 
 
 def _config(args):
+    """The run's TrainConfig from the options given (train/recipes.py resolve: defaults < recipe < given)."""
     from .train import TrainConfig
+    from .train.recipes import resolve
 
-    values = {k: getattr(args, k) for k in _given(args) if k != "method_config"}
-    values["method_config"] = _options(args.opt) if args.opt else None
-    return TrainConfig(**values)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    recipe = given.pop("recipe", None)
+    if getattr(args, "opt", None):
+        given["method_config"] = _options(args.opt)
+    if len(given.get("warmup_epochs", [None, None])) == 1:
+        given["warmup_epochs"] = given["warmup_epochs"][0]
+    if recipe is None and "model" not in given and given.get("pretrained") and os.path.isfile(given["pretrained"]):
+        given["model"] = None  # a checkpoint file without a model name: the architecture is read from it
+    return resolve(recipe, given)
+
+
+def _print_config(config) -> int:
+    from .train.recipes import describe
+
+    print(json.dumps(describe(config), sort_keys=True))
+    return 0
+
+
+def _list_recipes(as_json: bool) -> str:
+    from .train.recipes import RECIPES
+
+    if as_json:
+        return json.dumps({name: {**dataclasses.asdict(r), "values": r.values()} for name, r in RECIPES.items()},
+                          indent=2)
+    width = max(len(name) for name in RECIPES)
+    lines = []
+    for name, r in RECIPES.items():
+        v = r.values()
+        what = (f"{v['epochs']} epochs, lr {v['lr']}, batch {v['batch_size']}" if "lr" in v else "nothing trained")
+        lines.append(f"{name:<{width}}  {v['model']}, {what}  [{r.source}]")
+    return "\n".join(lines)
 
 
 def _resume_command(argv: list, output: str) -> str:
@@ -180,6 +235,9 @@ def _main(argv=None) -> int:
     _add_run_options(p_train)
     p_train.add_argument("--stop-after", type=int, default=None, help="epochs to run now (resume later)")
 
+    p_recipes = sub.add_parser("recipes", help="the public codes' training configs, by name (train --recipe NAME)")
+    p_recipes.add_argument("--json", action="store_true", help="every recipe with its values, as JSON")
+
     p_eval = sub.add_parser("eval", help="top-1 of a trained run on its evaluation sets")
     p_eval.add_argument("run", help="the run's output folder")
 
@@ -227,13 +285,18 @@ def _main(argv=None) -> int:
     p_demo.add_argument("--rounds", type=int, default=5, help="timed repetitions per backend")
     args = parser.parse_args(argv)
 
+    if args.command == "recipes":
+        print(_list_recipes(args.json))
+        return 0
     if args.command == "train":
         from .train import Trainer
 
+        if args.print_config:
+            return _print_config(_config(args))
         say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
         trainer = Trainer(_config(args), stop_after=args.stop_after, announce=lambda line: say(line, flush=True))
         config = trainer.config  # with its output folder resolved
-        say(f"fastprompt train: {config.method} on {trainer.task.description}; {config.model} on "
+        say(f"fastprompt train: {config.method} on {trainer.task.description}; {config.model or config.pretrained} on "
             f"{trainer.device} x{trainer.world}; output {config.output}", flush=True)
         results = trainer.fit()
         if trainer.resumed and not trainer.steps_run:
@@ -263,6 +326,8 @@ def _main(argv=None) -> int:
         from .train.protocols import check_protocol_flags, run_protocol
 
         check_protocol_flags(args.protocol, _given(args))
+        if args.print_config:
+            return _print_config(_config(args))
         text, _ = run_protocol(args.protocol, _config(args), seeds=args.seeds, targets=args.targets,
                                shots_list=args.shots_list)
         print(text)

@@ -52,6 +52,40 @@ def test_coop_ctx_init_uses_the_words():
     assert torch.equal(method.ctx.detach(), words.detach())
 
 
+def _public_word_prompt_text(clip, ctx, phrase, names):
+    """The public CoOp / CoCoOp prompt with ctx_init: n = len(phrase.split()) context vectors replace token rows
+    1..n of "phrase name.", whatever is left of the phrase's tokens stays (token_suffix = embedding[1 + n:])."""
+    n = len(phrase.split())
+    feats = []
+    for name in names:
+        tokens = tokenize([phrase + " " + name.replace("_", " ") + "."], clip)
+        emb = clip.token_embedding(tokens)[0]
+        feats.append(text_tower(clip, torch.cat([emb[:1], ctx, emb[1 + n:]])[None], tokens))
+    return torch.cat(feats)
+
+
+@pytest.mark.parametrize("name", ["coop", "cocoop"])
+def test_ctx_init_counts_words_as_the_public_codes(name):
+    """"a pixelated photo of a": 5 words, 6 tokens ("pixelated" is two). The public codes take 5 vectors, the
+    embeddings of the phrase's first 5 tokens, and keep its last token "a" as a fixed word before the class name:
+    the same context, prompt and logits here."""
+    phrase = "a pixelated photo of a"
+    method = build(name, ctx_init=phrase)
+    clip = method.clip.model
+    tokens = tokenize([phrase], clip)[0]
+    assert int((tokens != 0).sum()) - 2 == 6 and method.n_ctx == 5 and method.ctx.shape == (5, 40)
+    assert torch.equal(method.ctx.detach(), clip.token_embedding(tokens)[1:6].detach())
+    images, _ = batch()
+    if name == "coop":
+        text = _public_word_prompt_text(clip, method.ctx, phrase, CLASSNAMES)
+        assert_same(method(images), clip_logits(clip, clip.encode_image(images), text), "logits")
+    else:
+        img = F.normalize(clip.encode_image(images), dim=-1)
+        shifted = method.ctx[None] + method.meta_net(img)[:, None]
+        text = torch.stack([_public_word_prompt_text(clip, ctx_b, phrase, CLASSNAMES) for ctx_b in shifted])
+        assert_same(method(images), clip_logits(clip, img, text), "logits")
+
+
 def test_cocoop_matches_eager():
     method = build("cocoop")
     images, labels = batch()

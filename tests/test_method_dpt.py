@@ -153,8 +153,32 @@ def test_aux_term_counts_only_the_slots_of_the_label():
     labels = torch.tensor([2, 0, 1])  # no image's label is among its top-K: no aux term, no gradient from it
     loss = method.loss(images, labels)
     assert_same(loss, F.cross_entropy(logits, labels), "loss without a matched slot")
-    (grad,) = torch.autograd.grad(loss, [method.cavpt[0].classifier.weight])
-    assert torch.count_nonzero(grad) == 0
+    head = method.cavpt[0]
+    (grad,) = torch.autograd.grad(loss, [head.classifier.weight], allow_unused=True)
+    assert grad is None  # not even a zero gradient: the term is not in the graph (next test: why it matters)
+
+
+def test_a_batch_without_a_matched_slot_leaves_the_aux_head_untouched_by_sgd():
+    """The public code adds the aux term only when some slot matches; otherwise the classifier and LN_aux get no
+    gradient (None), and SGD, momentum and weight decay included, leaves them exactly as they were, while the
+    rest of the method keeps training. A zero gradient instead would decay them and apply their momentum."""
+    method = build("dpt")
+    images, _ = batch()
+    top = torch.tensor([[4, 1, 0], [2, 3, 1], [0, 2, 4]])
+    method.select_classes = lambda zero_shot: top
+    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    head = method.cavpt[0]
+    aux_only = [head.classifier.weight, head.ln_aux.weight, head.ln_aux.bias]
+    for labels in (torch.tensor([1, 0, 0]), torch.tensor([2, 0, 1])):  # a matched batch, then one without
+        optimizer.zero_grad(set_to_none=True)
+        before = [p.detach().clone() for p in (*aux_only, method.ctx)]
+        method.loss(images, labels).backward()
+        optimizer.step()
+    assert all(p.grad is None for p in aux_only)
+    for p, was in zip(aux_only, before):
+        assert torch.equal(p, was)  # the momentum of the first step is not applied either
+    assert not torch.equal(method.ctx, before[-1])
+    assert method.ctx.grad is not None and head.query.weight.grad is not None
 
 
 def test_cavpt_keys_are_detached():

@@ -16,9 +16,14 @@ from .records import (DataError, Record, RecordSplits, few_shot, read_classnames
 from .synthetic import SyntheticShapes
 
 
-def clip_transforms(model):
-    """(train, eval) preprocessing of the model: its size, mean and std; random resized crop and flip for
-    training, resize and centre crop for evaluation (the CoOp recipe)."""
+TRAIN_AUGMENTATION = ("random_resized_crop", "random_flip", "normalize")
+
+
+def clip_transforms(model, augmentation=TRAIN_AUGMENTATION):
+    """(train, eval) preprocessing of the model: its size, mean and std, bicubic; for training the listed
+    augmentations by Dassl's INPUT.TRANSFORMS names (the CoOp recipe: random resized crop at scale (0.08, 1),
+    flip, normalisation; without random_resized_crop a resize to the square size, as Dassl), for evaluation a
+    resize of the short side and a centre crop."""
     import open_clip
     from torchvision import transforms as T
 
@@ -27,12 +32,15 @@ def clip_transforms(model):
     size = size[0] if isinstance(size, (tuple, list)) else size
     mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
     std = cfg.get("std", open_clip.OPENAI_DATASET_STD)
+    bicubic = T.InterpolationMode.BICUBIC
     to_rgb = T.Lambda(lambda im: im.convert("RGB"))
-    train = T.Compose([to_rgb, T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
-    evaluate = T.Compose([to_rgb, T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+    train = [to_rgb, T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=bicubic)
+             if "random_resized_crop" in augmentation else T.Resize((size, size), interpolation=bicubic)]
+    train += [T.RandomHorizontalFlip()] if "random_flip" in augmentation else []
+    train += [T.ToTensor()] + ([T.Normalize(mean, std)] if "normalize" in augmentation else [])
+    evaluate = T.Compose([to_rgb, T.Resize(size, interpolation=bicubic), T.CenterCrop(size),
                           T.ToTensor(), T.Normalize(mean, std)])
-    return train, evaluate
+    return T.Compose(train), evaluate
 
 
 def clip_normalize(model):
@@ -152,13 +160,14 @@ def task_records(data: str, *, shots: int = 16, seed: int = 1, subsample: str = 
 
 def build_task(model, data: Optional[str] = None, *, shots: int = 16, seed: int = 1, subsample: str = "all",
                split_file: Optional[str] = None, image_dir: Optional[str] = None, synthetic_classes: int = 8,
-               synthetic_test_per_class: int = 16) -> TaskData:
+               synthetic_test_per_class: int = 16, augmentation=TRAIN_AUGMENTATION) -> TaskData:
     """The train set (K shots per class, seeded) and evaluation sets of a run.
 
     data None: the built-in procedural dataset at the model's image size (shots >= 1). subsample "base" trains
     on the base half of the classes and evaluates on base and new (the base-to-new protocol); "new" or "all"
     likewise. On disk, shots 0 takes every training image, and every image the run will read is checked
-    readable here, before training (check_images).
+    readable here, before training (check_images). augmentation: the training transforms of images on disk
+    (clip_transforms); the built-in shapes are drawn without augmentation.
     """
     if data is None:
         if shots < 1:
@@ -176,7 +185,7 @@ def build_task(model, data: Optional[str] = None, *, shots: int = 16, seed: int 
         return _subsample_synthetic(train, test, names, subsample, seed)
     task = task_records(data, shots=shots, seed=seed, subsample=subsample, split_file=split_file,
                         image_dir=image_dir)
-    train_tf, eval_tf = clip_transforms(model)
+    train_tf, eval_tf = clip_transforms(model, augmentation)
     return TaskData(RecordDataset(task.train, train_tf, seed), task.classnames,
                     {name: (RecordDataset(records, eval_tf), names) for name, (records, names) in
                      task.evaluations.items()}, task.description)

@@ -26,12 +26,23 @@ METHODS: dict[str, str] = {
     "map_dafe": "map_dafe:MAPDAFE",
     "tmml": "tmml:TMML",
 }
+# Baselines that train nothing (a run of one only evaluates): kept apart from METHODS, which the training-step
+# tests and benchmarks go through.
+BASELINES: dict[str, str] = {
+    "zeroshot": "zeroshot:ZeroShotCLIP",
+}
+
+
+def method_names() -> list:
+    """Every name `build` takes: the methods, then the baselines."""
+    return [*METHODS, *BASELINES]
 
 
 def method_class(name: str) -> type:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; methods are {', '.join(METHODS)}")
-    module, cls = METHODS[name].split(":")
+    registry = {**METHODS, **BASELINES}
+    if name not in registry:
+        raise ValueError(f"unknown method {name!r}; methods are {', '.join(registry)}")
+    module, cls = registry[name].split(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
@@ -52,8 +63,8 @@ def build(name: str, clip_model, classnames: Iterable[str], **config) -> PromptM
     return method_class(name)(clip_model, classnames, **config)
 
 
-__all__ = ["METHODS", "PromptMethod", "SMALL_MODEL_CONFIGS", "build", "check_options", "load_public_checkpoint",
-           "method_class", "options"]
+__all__ = ["BASELINES", "METHODS", "PromptMethod", "SMALL_MODEL_CONFIGS", "build", "check_options",
+           "load_public_checkpoint", "method_class", "method_names", "options"]
 
 
 # Configurations that fit the small built-in CLIPs (4 to 6 blocks per tower; the defaults assume 12): the

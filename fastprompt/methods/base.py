@@ -44,6 +44,7 @@ class PromptMethod(nn.Module):
             raise ValueError(f"{self.name}: no class names given")
         self.backend = backend
         self._text_cache: Optional[Tensor] = None
+        self._text_cache_key: Optional[tuple] = None
         self._register_state_dict_hook(PromptMethod._drop_clip_keys)
         self.register_load_state_dict_post_hook(PromptMethod._ignore_missing_clip_keys)
 
@@ -79,15 +80,25 @@ class PromptMethod(nn.Module):
     # ---- evaluation computes the text features once ---------------------------------------------
     def cached_text_features(self, compute) -> Tensor:
         """In eval mode, text features that do not depend on the images are computed once and reused until
-        the method goes back to training or loads a state_dict."""
+        the method goes back to training, loads a state_dict (load_public_checkpoint included), or any of its
+        tensors changes: the cache is keyed on every parameter's and buffer's version counter (bumped by each
+        in-place write: an optimizer step, `with torch.no_grad(): p.copy_(...)`) and storage, so new values
+        always give new logits. (A write through `p.data` bypasses version counters: call `train()` after one.)"""
         if self.training or self.text_depends_on_images or torch.is_grad_enabled():
             return compute()
-        if self._text_cache is None:
-            self._text_cache = compute()
+        key = self._tensor_versions()
+        if self._text_cache is None or self._text_cache_key != key:
+            self._text_cache, self._text_cache_key = compute(), key
         return self._text_cache
 
+    def _tensor_versions(self) -> tuple:
+        return tuple((t._version, t.data_ptr()) for t in (*self.parameters(), *self.buffers()))
+
+    def clear_text_cache(self) -> None:
+        self._text_cache = self._text_cache_key = None
+
     def train(self, mode: bool = True):
-        self._text_cache = None
+        self.clear_text_cache()
         return super().train(mode)
 
     # ---- what the harness calls -------------------------------------------------------------------
@@ -126,8 +137,9 @@ class PromptMethod(nn.Module):
     def parameter_groups(self) -> list:
         """Optimiser parameter groups over trainable_parameters(): one group without a learning rate of its
         own by default (the run's applies); a method training parts at their own rates overrides it, each
-        group then carrying its "lr"."""
-        return [{"params": self.trainable_parameters()}]
+        group then carrying its "lr". No group when nothing is trained (the zeroshot baseline)."""
+        params = self.trainable_parameters()
+        return [{"params": params}] if params else []
 
     def _untrained_names(self) -> set:
         """Parameter names a checkpoint leaves out: the frozen CLIP and any frozen part of the method (such as
@@ -150,7 +162,7 @@ class PromptMethod(nn.Module):
         incompatible_keys.missing_keys[:] = kept
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._text_cache = None
+        self.clear_text_cache()
         clip_keys = [k for k in state_dict if k.startswith("clip.")]
         if clip_keys:
             raise ValueError(f"{self.name}: a method checkpoint holds no CLIP weights, got {clip_keys[:3]}")

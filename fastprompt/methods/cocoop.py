@@ -33,7 +33,7 @@ class CoCoOp(PromptMethod):
         super().__init__(clip_model, classnames, backend)
         if not ctx_init:
             check_tokens(self.name, n_ctx=n_ctx)
-        self.ctx, self.n_ctx = context_init(self.clip, n_ctx, ctx_init)
+        self.ctx, self.n_ctx, words = context_init(self.clip, n_ctx, ctx_init)  # one vector per word
         vis_dim = self.clip.embed_dim
         self.meta_net = nn.Sequential(OrderedDict([
             ("linear1", nn.Linear(vis_dim, vis_dim // 16)),
@@ -41,7 +41,8 @@ class CoCoOp(PromptMethod):
             ("linear2", nn.Linear(vis_dim // 16, self.clip.text_width)),
         ]))
         self.text_path = TextPath(class_chunk, checkpoint_text, pack_text, prefix_reuse)
-        templates = [[Slot("ctx", self.n_ctx), " " + clean_classname(c) + "."] for c in self.classnames]
+        templates = [[Slot("ctx", self.n_ctx), " ".join(["", *words.split(), clean_classname(c)]) + "."]
+                     for c in self.classnames]
         self.prompts = TextPrompts(self.clip, templates, backend)
 
     def logits_and_extras(self, images: Tensor):

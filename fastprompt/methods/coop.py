@@ -3,8 +3,8 @@
 Text of class c: [SOS] ctx_1..ctx_n {class}. [EOT] (class token at the end; "middle" and "front" are the
 paper's other positions). The context is shared by all classes, or class-specific (CSC). It is written into
 the token embeddings before the positional embedding (DESIGN.md: text layer 0, replace, no LayerNorm).
-Defaults follow the public code: 16 context tokens drawn from N(0, 0.02²), or the embeddings of `ctx_init`'s
-words ("a photo of a": n = 4).
+Defaults follow the public code: 16 context tokens drawn from N(0, 0.02²), or, with `ctx_init`, one vector per
+word taken from the phrase's token embeddings ("a photo of a": n = 4; methods/text.py context_init).
 """
 
 from __future__ import annotations
@@ -37,13 +37,17 @@ class CoOp(PromptMethod):
         if not ctx_init:
             check_tokens(self.name, n_ctx=n_ctx)
         n_cls = len(self.classnames)
-        self.ctx, self.n_ctx = context_init(self.clip, n_ctx, ctx_init, (n_cls,) if class_specific else ())
+        self.ctx, self.n_ctx, words = context_init(self.clip, n_ctx, ctx_init, (n_cls,) if class_specific else ())
+        if words and class_token_position != "end":  # the public code would cut the class name there
+            raise ValueError(f"coop: ctx_init {ctx_init!r} leaves the fixed word(s) {words!r} after the context (a "
+                             "word of several tokens, methods/text.py context_init); the public code only places "
+                             "them right with class_token_position='end'")
         self.position = class_token_position
         self.text_path = TextPath(class_chunk, checkpoint_text, pack_text, prefix_reuse)
         names = [clean_classname(c) for c in self.classnames]
         half = self.n_ctx // 2
         if class_token_position == "end":
-            templates = [[Slot("ctx", self.n_ctx), " " + name + "."] for name in names]
+            templates = [[Slot("ctx", self.n_ctx), " ".join(["", *words.split(), name]) + "."] for name in names]
         elif class_token_position == "front":
             templates = [[name, Slot("ctx", self.n_ctx), "."] for name in names]
         else:

@@ -5,7 +5,8 @@ Three parts, trained together around a frozen CLIP:
 - vision, blocks 0..bottom_limit−2 (bottom_limit is 1-based, as in the public code): VPT-deep, n_visual_tokens
   fresh tokens per block appended at the end of the stream (after ln_pre), dropped after the block;
 - vision, blocks bottom_limit−1..L−1: class-aware visual prompts (CAVPT). A frozen, unprompted image forward
-  gives zero-shot logits against the hand-written template ("a photo of a {}."); its top-K classes select rows
+  gives zero-shot logits against the hand-written template (the dataset's, methods/templates.py, as the public
+  code; "a photo of a {}." by default); its top-K classes select rows
   of the learned CoOp text features T (C, E), unnormalised and not detached, and per block
 
       q0  = T[top-K] W_q0 + b                      (B, K, Dv)   the class queries
@@ -34,9 +35,13 @@ Choices where DESIGN.md is silent (the public code decides where it is explicit)
 - Keys and values are the block's input residual stream (class and patch tokens, before ln_1; the previous
   block's prompts are already dropped), detached; the learnable tokens are not detached.
 - The auxiliary cross-entropy is the mean over the matched slots of all CAVPT blocks together, as the public
-  code (which averages over the selected rows), not over the batch. With no matched slot it is 0, computed
-  as a masked mean so that no host synchronisation happens and every parameter stays in the graph (zero
-  gradient, which DDP without find_unused_parameters needs). Under DDP the mean is per rank.
+  code (which averages over the selected rows), not over the batch. On a batch where no slot matches (no
+  image's top-K holds its label) the term is left out of the loss, as the public code does: the auxiliary
+  classifiers and LN_aux, which only that term reaches, then get no gradient at all (grad None), so SGD
+  applies neither momentum nor weight decay to them on that step, exactly as there; a zero gradient would
+  decay them. Knowing whether a slot matches is one host synchronisation per step (the public code's boolean
+  indexing makes the same one). The trainer's DDP wrapper finds such unused parameters
+  (find_unused_parameters); the mean is per rank.
 - top_k larger than the number of classes is clamped to it (as the public code).
 - Batch invariance: q0 = Linear(T) and its query projection are computed per class (C rows) and gathered, and
   Wo is applied to the values before the weighted sum (the same product), so that every GEMM of the CAVPT
@@ -46,7 +51,7 @@ Choices where DESIGN.md is silent (the public code decides where it is explicit)
   without autograd: the CLIP is frozen and nothing is prompted before ln_pre.
 - The template text features are a frozen buffer computed once (the public code holds them in a Parameter
   that no optimiser sees). `epoch` and `epochs` are plain attributes, not in the state_dict: the trainer sets
-  them, also on resume. bottom_limit = L + 1 leaves no CAVPT block (CoOp + VPT-deep under the DPT loss, aux term 0);
+  them, also on resume. bottom_limit = L + 1 leaves no CAVPT block (CoOp + VPT-deep under the DPT loss, no aux term);
   n_visual_tokens = 0 leaves no VPT prompt.
 - Evaluation still runs the zero-shot forward per batch (the prompts depend on each image's top-K); the
   learned text features are computed once per evaluation (cached_text_features).
@@ -65,6 +70,7 @@ from torch import Tensor, nn
 from .. import insert_prompts
 from ..clip import BlockHooks, Slot, clean_classname
 from .base import PromptMethod, normal_init, small_model_hint
+from .templates import check_template
 from .text import TextPath, TextPrompts, context_init
 
 EARLY_LEARNED_TEXT_WEIGHT = 0.1  # weight of CE(prompted image, learned text) in the first phase
@@ -139,6 +145,7 @@ class DPT(PromptMethod):
     class_chunk, checkpoint_text."""
 
     name = "dpt"
+    template_from_dataset = True  # the frozen template text features use the dataset's template, as the public code
 
     def __init__(self, clip_model, classnames: Iterable[str], *, n_ctx: int = 16, n_visual_tokens: int = 10,
                  bottom_limit: int = 12, top_k: int = 10, n_cavpt_tokens: int = 10, qk_dim: int = 32,
@@ -170,9 +177,10 @@ class DPT(PromptMethod):
         self.epoch, self.epochs = 0, None
 
         # text: CoOp, class at the end
-        self.ctx, self.n_ctx = context_init(clip, n_ctx, None)
+        self.ctx, self.n_ctx, _ = context_init(clip, n_ctx, None)
         self.prompts = TextPrompts(clip, [[Slot("ctx", self.n_ctx), " " + clean_classname(c) + "."]
                                           for c in self.classnames], backend)
+        (template,) = check_template(self.name, template)
         tokens = open_clip.tokenize([template.format(clean_classname(c)) for c in self.classnames],
                                     context_length=clip.context_length)
         with torch.no_grad():
@@ -217,16 +225,18 @@ class DPT(PromptMethod):
                       top_k=top, aux_logits=aux)
         return self.clip_logits(image_features, text), extras
 
-    def aux_loss(self, aux_logits: Optional[Tensor], top: Tensor, labels: Tensor) -> Tensor:
+    def aux_loss(self, aux_logits: Optional[Tensor], top: Tensor, labels: Tensor) -> Optional[Tensor]:
         """Mean cross-entropy of the aux logits over the slots (of every CAVPT block) whose class is the label;
-        0 when no slot matches."""
+        None when no slot matches (or there is no CAVPT block): the loss then leaves the term out."""
         if aux_logits is None:
-            return torch.zeros((), device=labels.device)
+            return None
         b, blocks, k, n_cls = aux_logits.shape
+        matched = (top == labels[:, None])[:, None].expand(b, blocks, k)
+        if not bool(matched.any()):  # a host sync: the public code's boolean indexing needs the same one
+            return None
         target = labels[:, None, None].expand(b, blocks, k)
         ce = F.cross_entropy(aux_logits.reshape(-1, n_cls), target.reshape(-1), reduction="none").view(b, blocks, k)
-        matched = (top == labels[:, None])[:, None].expand(b, blocks, k)
-        return torch.where(matched, ce, 0.0).sum() / matched.sum().clamp_min(1)
+        return torch.where(matched, ce, 0.0).sum() / matched.sum()
 
     def switch_at(self) -> Optional[int]:
         """The first epoch of the second phase: switch_epoch, else ceil(switch_fraction · epochs); None while the
@@ -251,4 +261,5 @@ class DPT(PromptMethod):
                     + EARLY_LEARNED_TEXT_WEIGHT * F.cross_entropy(logits, labels))
         else:
             loss = F.cross_entropy(logits, labels)
-        return loss + self.aux_weight * self.aux_loss(extras["aux_logits"], extras["top_k"], labels)
+        aux = self.aux_loss(extras["aux_logits"], extras["top_k"], labels)
+        return loss if aux is None else loss + self.aux_weight * aux

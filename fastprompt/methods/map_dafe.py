@@ -2,7 +2,8 @@
 There is no public code: this is our reading of the abstract (DESIGN.md, Methods).
 
 Modality-specific prompts; neither modality's prompts are projected into the other.
-  text:   [SOS] a photo of a {class} . [P1..PM] [EOT]. The prompts follow the class template, so under the causal
+  text:   [SOS] a photo of a {class} . [P1..PM] [EOT] (the dataset's hand-written template in place of "a photo of
+          a {class}." when the trainer knows the dataset). The prompts follow the class template, so under the causal
           mask they read the template and the template never reads them; EOT, which is pooled, reads both.
           P (M, Dt) is written into the token embeddings before the positional embedding (block 0); the
           prompt rows start at a per-class row, since class names differ in length.
@@ -26,6 +27,7 @@ from .. import insert_prompts
 from ..clip import BlockHooks, Slot, clean_classname
 from ..modules import DeepAdaptiveFeatureEnhancement
 from .base import PromptMethod, append_with_ln, check_depth, normal_init
+from .templates import DEFAULT_TEMPLATE, check_template
 from .text import TextPath, TextPrompts
 
 
@@ -79,13 +81,16 @@ class DAFERows(BlockHooks):
 
 class MAPDAFE(PromptMethod):
     """MAP-DAFE. Config: n_ctx_text (4), n_ctx_vision (4), depth (9: prompts enter at block 0, DAFE before
-    blocks 1..depth−1 of both towers), gate ("channel", "token" or "scalar"), and the text path's class_chunk,
+    blocks 1..depth−1 of both towers), gate ("channel", "token" or "scalar"), template ("a photo of a {}.": the
+    text the prompts follow; the trainer gives the dataset's, methods/templates.py), and the text path's class_chunk,
     checkpoint_text, pack_text, prefix_reuse (methods/text.py)."""
 
     name = "map_dafe"
+    template_from_dataset = True  # the text before the prompts is the dataset's template unless one is given
 
     def __init__(self, clip_model, classnames: Iterable[str], *, n_ctx_text: int = 4, n_ctx_vision: int = 4,
-                 depth: int = 9, gate: str = "channel", class_chunk: Optional[int] = None,
+                 depth: int = 9, gate: str = "channel", template: str = DEFAULT_TEMPLATE,
+                 class_chunk: Optional[int] = None,
                  checkpoint_text: bool = False, pack_text: bool = True, prefix_reuse: bool = True,
                  backend: str = "auto"):
         super().__init__(clip_model, classnames, backend)
@@ -110,7 +115,8 @@ class MAPDAFE(PromptMethod):
                                         for _ in range(depth - 1)])
         self.dafe_vision = nn.ModuleList([DeepAdaptiveFeatureEnhancement(dv, gate, backend=backend)
                                           for _ in range(depth - 1)])
-        templates = [["a photo of a " + clean_classname(c) + ".", Slot("ctx", n_ctx_text)] for c in self.classnames]
+        (template,) = check_template(self.name, template)
+        templates = [[template.format(clean_classname(c)), Slot("ctx", n_ctx_text)] for c in self.classnames]
         self.prompts = TextPrompts(clip, templates, backend)
 
     def text_features(self) -> Tensor:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .. import insert_prompts
 from ..clip import NO_HOOKS, apply_block, clean_classname, tokenize_templates, tokenize_words
 from ..clip.backbone import TEXT_SCOPE
+from ..clip.text import _tokenizer
 from ..clip.packed import PackedLayout, PackedTextStream, encode_packed, make_layout
 from .base import normal_init
 
@@ -165,14 +166,27 @@ class FullTextStream:
         return self.clip.text_features(self.x, self.eot)
 
 
-def context_init(clip, n_ctx: int, ctx_init: Optional[str], shape_prefix=()) -> tuple[nn.Parameter, int]:
-    """Context vectors from N(0, 0.02²), or the token embeddings of `ctx_init`'s words (as the public codes)."""
-    if ctx_init:
-        ids = torch.tensor(tokenize_words(clean_classname(ctx_init)))
-        with torch.no_grad():
-            vectors = clip.token_embeddings(ids.to(clip.model.logit_scale.device)).detach().clone().cpu()
-        vectors = vectors.expand(*shape_prefix, *vectors.shape).clone()
-        return nn.Parameter(vectors), len(ids)
-    return normal_init((*shape_prefix, n_ctx, clip.text_width)), n_ctx
+def context_init(clip, n_ctx: int, ctx_init: Optional[str], shape_prefix=()) -> tuple[nn.Parameter, int, str]:
+    """Context vectors (*shape_prefix, n, Dt), their number n and the text that follows them in the template.
 
-
+    Without ctx_init: N(0, 0.02²), n = n_ctx, no text. With ctx_init, word for word as the public CoOp / CoCoOp
+    codes: n is the number of words (`len(ctx_init.split())`, n_ctx ignored) and the context starts as the
+    embeddings of the phrase's first n tokens. Their prompt is the whole phrase followed by the class name, of
+    which the first n token rows are replaced by the context, so a word that BPE splits into several tokens
+    leaves the phrase's last tokens in the template as fixed words: "a pixelated photo of a" is 6 tokens and 5
+    words, so 5 vectors ("a pixel ated photo of") and the fixed word "a" before the class name. A public
+    checkpoint made with such a phrase then loads (its ctx is (5, Dt)) and runs the same prompt."""
+    if not ctx_init:
+        return normal_init((*shape_prefix, n_ctx, clip.text_width)), n_ctx, ""
+    phrase = clean_classname(ctx_init)
+    ids = tokenize_words(phrase)
+    n = len(phrase.split())
+    rest = _tokenizer().decode(ids[n:]).strip() if len(ids) > n else ""
+    if tokenize_words(rest) != ids[n:]:
+        raise ValueError(f"ctx_init {ctx_init!r}: its tokens after the first {n} (one per word) do not tokenise "
+                         f"alone as they do in the phrase ({rest!r}), so the public prompt cannot be rebuilt from "
+                         "text: rephrase it, or give n_ctx without ctx_init")
+    with torch.no_grad():
+        vectors = clip.token_embeddings(torch.tensor(ids[:n], device=clip.model.logit_scale.device))
+    vectors = vectors.detach().clone().cpu().expand(*shape_prefix, n, vectors.shape[-1]).clone()
+    return nn.Parameter(vectors), n, rest

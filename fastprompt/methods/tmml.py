@@ -1,7 +1,8 @@
 """TMML, Task-Oriented Multi-Modal Mutual Learning (Long et al., ICCV 2023). There is no public code: this is
 our reading of the abstract (DESIGN.md, Methods).
 
-The image tower is frozen and unprompted. With t_c the frozen features of "a photo of a {class}." (C, E),
+The image tower is frozen and unprompted. With t_c the frozen features of the hand-written template (C, E)
+("a photo of a {class}.", or the dataset's: methods/templates.py),
 P_b the image's patch features and f_b its feature (all L2-normalised before any attention):
   CTP, class-aware text prompts: each class attends to the patches of each image (single head),
       a_{b,c} = softmax((t_c Wq)(P_b Wk)ᵀ / √d) (P_b Wv),   bias_{b,c} = MLP(a_{b,c})   (MLP: E → E/16 → Dt),
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from .. import insert_prompts
 from ..clip import Slot, clean_classname, run_blocks
 from .base import PromptMethod
+from .templates import DEFAULT_TEMPLATE, check_template
 from .text import TextPath, TextPrompts, context_init
 from .distributed import gather_rows
 
@@ -51,20 +53,23 @@ class SingleHeadCrossAttention(nn.Module):
 
 class TMML(PromptMethod):
     """TMML. Config: n_ctx (4; taken from ctx_init when given), ctx_init ("a photo of a"), attn_dim (64),
-    gamma_init (0.1), lam (1.0: weight of the InfoNCE term), and the text path's class_chunk, checkpoint_text,
+    gamma_init (0.1), lam (1.0: weight of the InfoNCE term), template ("a photo of a {}.": the frozen class
+    features t_c; the trainer gives the dataset's), and the text path's class_chunk, checkpoint_text,
     pack_text, prefix_reuse (methods/text.py; only SOS is shared here)."""
 
     name = "tmml"
+    template_from_dataset = True  # t_c from the dataset's template unless one is given (methods/templates.py)
     text_depends_on_images = True
 
     def __init__(self, clip_model, classnames: Iterable[str], *, n_ctx: int = 4,
                  ctx_init: Optional[str] = "a photo of a", attn_dim: int = 64, gamma_init: float = 0.1,
-                 lam: float = 1.0, class_chunk: Optional[int] = None, checkpoint_text: bool = False,
-                 pack_text: bool = True, prefix_reuse: bool = True, backend: str = "auto"):
+                 lam: float = 1.0, template: str = DEFAULT_TEMPLATE, class_chunk: Optional[int] = None,
+                 checkpoint_text: bool = False, pack_text: bool = True, prefix_reuse: bool = True,
+                 backend: str = "auto"):
         super().__init__(clip_model, classnames, backend)
         clip = self.clip
         e, dt = clip.embed_dim, clip.text_width
-        self.ctx, self.n_ctx = context_init(clip, n_ctx, ctx_init)
+        self.ctx, self.n_ctx, words = context_init(clip, n_ctx, ctx_init)  # one vector per word, as CoCoOp
         self.ctp = SingleHeadCrossAttention(e, attn_dim)
         self.ctp_mlp = nn.Sequential(OrderedDict([
             ("linear1", nn.Linear(e, e // 16)),
@@ -78,9 +83,10 @@ class TMML(PromptMethod):
         names = [clean_classname(c) for c in self.classnames]
         # the context comes first, so its slot is row 1 of every class: one int offset for all B·C sequences
         # every (image, class) sequence has its own context: only SOS is shared
-        self.prompts = TextPrompts(clip, [[Slot("ctx", self.n_ctx), " " + name + "."] for name in names], backend,
-                                   shared_rows=1)
-        tokens = open_clip.tokenize([f"a photo of a {name}." for name in names], context_length=clip.context_length)
+        self.prompts = TextPrompts(clip, [[Slot("ctx", self.n_ctx), " ".join(["", *words.split(), name]) + "."]
+                                          for name in names], backend, shared_rows=1)
+        (template,) = check_template(self.name, template)
+        tokens = open_clip.tokenize([template.format(name) for name in names], context_length=clip.context_length)
         tokens = tokens.to(clip.model.logit_scale.device)
         with torch.no_grad():  # t_c, frozen: recomputed from the class names, so not in checkpoints
             self.register_buffer("class_features", F.normalize(clip.encode_text(tokens), dim=-1), persistent=False)

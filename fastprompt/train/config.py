@@ -6,10 +6,12 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Union
 
 RUNS_DIR = "runs"
+SCHEDULES = ("cosine", "dassl_cosine")
+AUGMENTATIONS = ("random_resized_crop", "random_flip", "normalize")  # Dassl's INPUT.TRANSFORMS names
 
 
 class ConfigError(ValueError):
@@ -27,12 +29,23 @@ class TrainConfig:
     pretrained), where it is AdamW: there the prompts' gradients differ by three orders of magnitude between
     the text context (the random text tower's LayerNorms amplify its small embeddings) and CMPA's weights,
     so SGD at one learning rate either blows the context up, collapsing every class's text feature onto one
-    (the loss stalls at ln C), or leaves CMPA still. AdamW's per-parameter scaling learns the shapes."""
+    (the loss stalls at ln C), or leaves CMPA still. AdamW's per-parameter scaling learns the shapes.
+
+    The knobs the public codes' configs need (train/recipes.py): `schedule` "dassl_cosine" is Dassl's cosine,
+    CosineAnnealingLR(T_max=epochs) restarted after the warm-up, lr(e) = ½·lr·(1 + cos(π(e − W)/epochs)) for
+    e >= W (it never reaches 0), where "cosine" (the default) spans the epochs after the warm-up,
+    ½·lr·(1 + cos(π(e − W)/(epochs − W))). `warmup_epochs` W may be a list, one per parameter group of the
+    method in its order (DPT: the CoOp context, then the rest), for codes that warm their groups apart.
+    `image_size` (None: the model's) is checked against the model; `augmentation` lists the training
+    transforms of images on disk by Dassl's INPUT.TRANSFORMS names (data.clip_transforms: random resized crop,
+    else a resize to the image size; horizontal flip; normalisation by the model's mean and std)."""
 
     method: str = "dcp"
-    model: str = "fastprompt-tiny"
+    model: Optional[str] = "fastprompt-tiny"  # None: the architecture read from the weights of `pretrained`
     pretrained: Optional[str] = None
+    quick_gelu: Optional[bool] = None   # the activation where neither the weights nor the model name say it
     method_config: Optional[dict] = None  # None: the method's defaults, or SMALL_MODEL_CONFIGS on a small CLIP
+    recipe: Optional[str] = None        # the recipe the run was resolved from (a record; its values are above)
 
     data: Optional[str] = None          # None: the built-in procedural dataset
     split_file: Optional[str] = None
@@ -48,8 +61,11 @@ class TrainConfig:
     optimizer: str = "auto"             # auto | sgd | adamw (auto: adamw on the built-in data with random weights)
     momentum: float = 0.9               # SGD's
     weight_decay: float = 5e-4
-    warmup_epochs: int = 1
+    warmup_epochs: Union[int, list] = 1  # a list: one per parameter group of the method
     warmup_lr: float = 1e-5
+    schedule: str = "cosine"            # cosine | dassl_cosine
+    image_size: Optional[int] = None    # None: the model's input size
+    augmentation: list = field(default_factory=lambda: list(AUGMENTATIONS))
     max_steps: Optional[int] = None
 
     backend: str = "auto"
@@ -84,9 +100,10 @@ class TrainConfig:
 
 # What a resumed run must share with the run it continues: everything that changes its trajectory. The rest
 # (output, device, backend, workers, evaluation, progress, max_steps, deterministic) may differ.
-RESUME_KEYS = ("method", "model", "pretrained", "method_config", "data", "split_file", "image_dir", "shots",
-               "subsample", "synthetic_classes", "epochs", "batch_size", "lr", "optimizer", "momentum",
-               "weight_decay", "warmup_epochs", "warmup_lr", "precision", "seed")
+RESUME_KEYS = ("method", "model", "pretrained", "quick_gelu", "method_config", "data", "split_file", "image_dir",
+               "shots", "subsample", "synthetic_classes", "epochs", "batch_size", "lr", "optimizer", "momentum",
+               "weight_decay", "warmup_epochs", "warmup_lr", "schedule", "image_size", "augmentation", "precision",
+               "seed")
 
 
 def config_differences(saved: TrainConfig, asked: TrainConfig) -> list:

@@ -45,6 +45,7 @@ from .. import backends, methods
 from ..clip import create_clip
 from ..data import DataError, build_task
 from ..methods.distributed import local_only
+from ..methods.templates import template_for
 from .config import ConfigError, TrainConfig, config_differences, fresh_output
 from .device import resolve_device
 from .metrics import MetricsLog, read_metrics
@@ -68,12 +69,18 @@ class _EvaluationStopped(Exception):
 
 
 def method_config(config: TrainConfig) -> dict:
-    """The method's options of a run: as given, else the configuration that fits the small built-in CLIPs."""
+    """The method's options of a run: as given, else the configuration that fits the small built-in CLIPs; a
+    method that reads its dataset's hand-written template gets it unless `template` is given
+    (methods/templates.py)."""
     from ..clip import SMALL_CONFIGS
 
     if config.method_config is not None:
-        return dict(config.method_config)
-    return dict(methods.SMALL_MODEL_CONFIGS.get(config.method, {})) if config.model in SMALL_CONFIGS else {}
+        out = dict(config.method_config)
+    else:
+        out = dict(methods.SMALL_MODEL_CONFIGS.get(config.method, {})) if config.model in SMALL_CONFIGS else {}
+    if getattr(methods.method_class(config.method), "template_from_dataset", False) and "template" not in out:
+        out["template"] = template_for(config.data, config.split_file)
+    return out
 
 
 OPTIMIZERS = ("auto", "sgd", "adamw")
@@ -114,12 +121,26 @@ class EpochPermutation(Sampler):
         return max(math.ceil(self.n / self.world) - self.skip, 0)
 
 
-def learning_rate(base: float, epoch: int, config: TrainConfig) -> float:
-    """Warm-up epochs at a constant warmup_lr, then a cosine from `base` over the remaining epochs."""
-    if epoch < config.warmup_epochs:
+def learning_rate(base: float, epoch: int, config: TrainConfig, warmup_epochs: Optional[int] = None) -> float:
+    """Warm-up epochs at a constant warmup_lr, then a cosine from `base`: over the remaining epochs ("cosine"),
+    or Dassl's, a cosine of period 2·epochs restarted after the warm-up ("dassl_cosine"; TrainConfig).
+    warmup_epochs: this parameter group's (default: config.warmup_epochs, an int)."""
+    warmup = config.warmup_epochs if warmup_epochs is None else warmup_epochs
+    if epoch < warmup:
         return config.warmup_lr
-    span = max(config.epochs - config.warmup_epochs, 1)
-    return 0.5 * base * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / span))
+    span = config.epochs if config.schedule == "dassl_cosine" else max(config.epochs - warmup, 1)
+    return 0.5 * base * (1 + math.cos(math.pi * (epoch - warmup) / span))
+
+
+def group_warmups(config: TrainConfig, n_groups: int) -> list:
+    """The warm-up epochs of each parameter group: config.warmup_epochs for all, or its list, one per group."""
+    if isinstance(config.warmup_epochs, (list, tuple)):
+        if len(config.warmup_epochs) != n_groups:
+            raise ConfigError(f"warmup_epochs {list(config.warmup_epochs)} gives {len(config.warmup_epochs)} values, "
+                              f"but {config.method} trains {n_groups} parameter group(s): give one value, or one "
+                              "per group in the method's order")
+        return [int(w) for w in config.warmup_epochs]
+    return [int(config.warmup_epochs)] * n_groups
 
 
 class _Loss(nn.Module):
@@ -194,12 +215,20 @@ class Trainer:
         self._setup_distributed()
         self._seed_everything(config.seed)
         try:
-            self.clip_model = create_clip(config.model, config.pretrained, seed=config.seed)
+            self.clip_model = create_clip(config.model, config.pretrained, quick_gelu=config.quick_gelu,
+                                          seed=config.seed)
         except (ValueError, RuntimeError) as exc:  # an unknown model name, weights that do not load
-            raise ConfigError(f"cannot create the CLIP {config.model!r}: {exc}") from exc
+            what = repr(config.model) if config.model else f"from {config.pretrained}"
+            raise ConfigError(f"cannot create the CLIP {what}: {exc}") from exc
+        size = self.clip_model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        if config.image_size is not None and config.image_size != size:
+            raise ConfigError(f"image_size {config.image_size} does not match the model's input size {size}: a ViT's "
+                              "positional embedding fixes it (leave image_size out to use the model's)")
         self.task = build_task(self.clip_model, config.data, shots=config.shots, seed=config.seed,
                                subsample=config.subsample, split_file=config.split_file,
-                               image_dir=config.image_dir, synthetic_classes=config.synthetic_classes)
+                               image_dir=config.image_dir, synthetic_classes=config.synthetic_classes,
+                               augmentation=config.augmentation)
         if len(self.task.train) == 0:
             raise DataError(f"{config.data} holds no training images: an evaluation-only dataset (ImageNet-V2, "
                             "-Sketch, -A, -R) is a target of the transfer protocols (--targets), not a training set")
@@ -217,14 +246,18 @@ class Trainer:
             if not (isinstance(g["base_lr"], (int, float)) and math.isfinite(g["base_lr"]) and g["base_lr"] > 0):
                 raise ConfigError(f"{config.method} trains a parameter group at learning rate {g['base_lr']!r}: "
                                   "learning rates are finite numbers above 0")
+        for g, warmup in zip(groups, group_warmups(config, len(groups))):
+            g["warmup_epochs"] = warmup
         self.optimizer_name = resolve_optimizer(config)
-        if self.optimizer_name == "sgd":
+        if not groups:  # a baseline that trains nothing (zeroshot): a run is one evaluation
+            self.optimizer = None
+        elif self.optimizer_name == "sgd":
             self.optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                                              weight_decay=config.weight_decay)
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.step_model = _Loss(self.method)
-        if self.world > 1:
+        if self.world > 1 and self.optimizer is not None:
             from torch.nn.parallel import DistributedDataParallel
 
             self.step_model = DistributedDataParallel(
@@ -302,11 +335,12 @@ class Trainer:
         self.saved_step = self.step
         if self.rank != 0:
             return
-        state = {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+        state = {"method": self.method.state_dict(),
+                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                  "scaler": self.scaler.state_dict() if self.scaler else None, "epoch": self.epoch,
                  "batches_done": self.batches_done, "step": self.step, "wall_s": self.wall_s,
                  "rng": _rng_state(self.device), "config": self.config.to_json(),
-                 "schedule": {"kind": "warmup-cosine", "epochs": self.config.epochs}}
+                 "schedule": {"kind": f"warmup-{self.config.schedule}", "epochs": self.config.epochs}}
         os.makedirs(self.config.output, exist_ok=True)
         tmp = self.checkpoint_path + ".tmp"
         torch.save(state, tmp)
@@ -323,7 +357,8 @@ class Trainer:
                               "to resume it pass its settings; for a new run leave out --output or name a new "
                               "folder; to start it over pass --no-resume")
         self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
@@ -462,6 +497,7 @@ class Trainer:
                            data=self.task.description, world_size=self.world, device=str(self.device),
                            precision=str(self.precision or torch.float32), optimizer=self.optimizer_name,
                            backend=self.resolved_backend(), method=described, text_path=described["text_path"],
+                           options=self.method_config, weights=getattr(self.clip_model, "fastprompt_weights", None),
                            torch=torch.__version__)
         elif start_epoch < config.epochs and not self._step_limit_reached():
             self.announce(f"resuming {config.output} from step {self.step} "
@@ -471,12 +507,14 @@ class Trainer:
         skip = self.batches_done if resumed else 0  # batches of start_epoch trained before a stop
         started = time.perf_counter() - (self.wall_s if resumed else 0.0)
         backend = self.backend_label()
+        if self.optimizer is None:  # nothing to train: the run is its evaluation
+            return self._evaluate_untrained(resumed, started)
         self.method.train()
         for epoch in range(start_epoch, config.epochs):
             if (self.stop_after is not None and ran >= self.stop_after) or self._step_limit_reached():
                 break
             for g in self.optimizer.param_groups:
-                g["lr"] = learning_rate(g["base_lr"], epoch, config)
+                g["lr"] = learning_rate(g["base_lr"], epoch, config, g["warmup_epochs"])
             self.method.set_epoch(epoch, config.epochs)
             batches = skip if epoch == start_epoch else 0
             loader = self._loader(epoch, skip_batches=batches)
@@ -538,6 +576,17 @@ class Trainer:
             if self._step_limit_reached():
                 break
         return last_eval if self.steps_run or not resumed else self.logged_evaluation()
+
+    def _evaluate_untrained(self, resumed: bool, started: float) -> dict:
+        """A method with nothing to train (zeroshot): evaluate once, checkpoint the run as finished (so that
+        `fastprompt eval` and a resume find it), and return the evaluation."""
+        if resumed:
+            return self.logged_evaluation()
+        self.epoch = self.config.epochs - 1
+        results = self._evaluate_and_log(self.epoch, time.perf_counter() - started)
+        self.wall_s = time.perf_counter() - started
+        self.save_checkpoint()
+        return results
 
     def logged_evaluation(self) -> dict:
         """The last evaluation in the run's metrics (what fit() returned when it ran), {} when there is none."""

@@ -72,7 +72,19 @@ def _backends() -> tuple:
 def _methods() -> tuple:
     from .. import methods
 
-    return tuple(methods.METHODS)
+    return tuple(methods.method_names())  # the methods and the baselines (zeroshot)
+
+
+def _schedules() -> tuple:
+    from .config import SCHEDULES
+
+    return SCHEDULES
+
+
+def _augmentations() -> tuple:
+    from .config import AUGMENTATIONS
+
+    return AUGMENTATIONS
 
 
 def _unknown_method(value) -> str:
@@ -84,8 +96,11 @@ def _unknown_method(value) -> str:
 # it returns for the value); a predicate sees the field's value only, the combinations of fields come after.
 FIELD_CHECKS = [
     ("method", lambda v: v in _methods(), _unknown_method),
-    ("model", lambda v: isinstance(v, str) and v != "", "an open_clip model name or fastprompt-tiny / -small"),
+    ("model", optional(lambda v: isinstance(v, str) and v != ""),
+     "an open_clip model name or fastprompt-tiny / -small (none: read from the weights of --pretrained)"),
     ("pretrained", optional(lambda v: isinstance(v, str) and v != ""), "an open_clip tag or a checkpoint path"),
+    ("quick_gelu", optional(boolean), "True or False (--quick-gelu / --no-quick-gelu)"),
+    ("recipe", optional(lambda v: isinstance(v, str) and v != ""), "a recipe name (fastprompt recipes)"),
     ("method_config", optional(lambda v: isinstance(v, dict)), "key=value method options"),
     ("data", optional(lambda v: isinstance(v, str) and v != ""), "a dataset folder"),
     ("split_file", optional(lambda v: isinstance(v, str) and v != ""), "a split_*.json file"),
@@ -101,8 +116,13 @@ FIELD_CHECKS = [
     ("optimizer", lambda v: v in ("auto", "sgd", "adamw"), "auto, sgd or adamw"),
     ("momentum", lambda v: is_number(v) and 0 <= v < 1, "a momentum from 0 up to (not including) 1"),
     ("weight_decay", non_negative_number, "a finite weight decay, at least 0"),
-    ("warmup_epochs", at_least(0), "a number of warm-up epochs, at least 0"),
+    ("warmup_epochs", lambda v: at_least(0)(v) or (isinstance(v, list) and len(v) > 0 and all(map(at_least(0), v))),
+     "a number of warm-up epochs, at least 0 (or one per parameter group)"),
     ("warmup_lr", non_negative_number, "a finite warm-up learning rate, at least 0"),
+    ("schedule", lambda v: v in _schedules(), lambda v: f"--schedule takes {', '.join(_schedules())}, got {v!r}"),
+    ("image_size", optional(at_least(1)), "an image size in pixels, at least 1"),
+    ("augmentation", lambda v: isinstance(v, list) and all(a in _augmentations() for a in v),
+     lambda v: f"--augmentation takes names among {', '.join(_augmentations())}, got {v!r}"),
     ("max_steps", optional(at_least(1)), "a number of steps, at least 1"),
     ("backend", lambda v: v in _backends(), "auto, reference, triton or cuda"),
     ("precision", one_of(PRECISIONS), ", ".join(PRECISIONS)),
@@ -191,10 +211,13 @@ def check_arguments(command: str, checks: list) -> None:
 
 
 def check_method_names(names: Optional[list], command: str) -> None:
-    unknown = [n for n in names or [] if n not in _methods()]
+    """Names of methods that train (bench and the step benchmarks time training steps: no baselines)."""
+    from .. import methods
+
+    unknown = [n for n in names or [] if n not in methods.METHODS]
     if unknown:
         raise ConfigError(f"{command}: unknown method {', '.join(map(repr, unknown))}; methods are "
-                          + ", ".join(_methods()))
+                          + ", ".join(methods.METHODS))
 
 
 def check_backend_names(names: Optional[list], command: str) -> None:
