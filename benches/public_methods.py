@@ -113,12 +113,12 @@ def prompt_attention(cmpa, visual_context: Tensor, textual_context: Tensor) -> t
         visual_context = visual_context.max(1)[0].unsqueeze(1)
         textual_context = textual_context.max(1)[0].unsqueeze(1)
     ln_v = cmpa.ln_pa_1_visual
-    new_visual = visual_context + cmpa.promt_attention_visual(ln_v(cmpa.proj_t2v(textual_context)), ln_v(visual_context),
-                                                              ln_v(visual_context), need_weights=False)[0]
+    new_visual = visual_context + cmpa.promt_attention_visual(
+        ln_v(cmpa.proj_t2v(textual_context)), ln_v(visual_context), ln_v(visual_context), need_weights=False)[0]
     new_visual = new_visual + cmpa.mlp_pa_visual(cmpa.ln_pa_2_visual(new_visual))
     ln_t = cmpa.ln_pa_1_text
-    new_text = textual_context + cmpa.promt_attention_text(ln_t(cmpa.proj_v2t(visual_context)), ln_t(textual_context),
-                                                           ln_t(textual_context), need_weights=False)[0]
+    new_text = textual_context + cmpa.promt_attention_text(
+        ln_t(cmpa.proj_v2t(visual_context)), ln_t(textual_context), ln_t(textual_context), need_weights=False)[0]
     new_text = new_text + cmpa.mlp_pa_text(cmpa.ln_pa_2_text(new_text))
     return new_visual.expand(-1, visual_batch, -1), new_text.expand(-1, textual_batch, -1)
 
@@ -198,8 +198,8 @@ def dpt(method, images: Tensor, labels: Tensor) -> Tensor:
     image = image / image.norm(dim=-1, keepdim=True)
     logits = scale * image @ text_norm.t()
     if method.in_first_phase():
-        loss = (F.cross_entropy(scale * zero_shot @ text_norm.t(), labels) + F.cross_entropy(scale * image @ fixed.t(), labels)
-                + 0.1 * F.cross_entropy(logits, labels))
+        loss = (F.cross_entropy(scale * zero_shot @ text_norm.t(), labels)
+                + F.cross_entropy(scale * image @ fixed.t(), labels) + 0.1 * F.cross_entropy(logits, labels))
     else:
         loss = F.cross_entropy(logits, labels)
     if layer_logits:  # DPT.forward_backward: the rows of the slots whose class is the label
