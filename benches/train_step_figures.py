@@ -184,7 +184,7 @@ def build_runs(model_name, clip_model, classnames, rows, batch, bc_batch, device
             error = abs(losses["public"] - losses["fastprompt"]) / max(abs(losses["public"]), 1e-12)
             log(f"{row}: fp32 loss public {losses['public']:.7f}, fastprompt {losses['fastprompt']:.7f}, relative "
                 f"difference {error:.1e} ({'ok' if error <= LOSS_RTOL else 'MISMATCH'})")
-        for path in paths:
+        for path in paths:  # each path steps the same parameters with its own SGD (the values do not change the time)
             optimizer = torch.optim.SGD(method.trainable_parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
             step = _make_step(loss_fns[path], optimizer, images, labels, autocast)
             runs.append(Run(row, path, method, b, step, losses[path], error))
