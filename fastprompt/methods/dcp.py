@@ -18,13 +18,11 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-import torch
 from torch import Tensor, nn
 
-from ..clip import Slot, apply_block, clean_classname
-from ..clip.backbone import IMAGE_SCOPE
+from ..clip import ImageStream, Slot, TextStream, clean_classname, run_towers
 from ..modules import CrossModalPromptAttention
-from .base import PromptMethod, append_with_ln, check_depth, check_tokens, normal_init, replace_with_ln
+from .base import PromptMethod, append_with_ln, check_depth, check_tokens, normal_init
 from .text import TextPath, TextPrompts
 from .distributed import gather_rows
 from .maple import first_words_context
@@ -84,37 +82,43 @@ class DCP(PromptMethod):
         """couple_text=False: the text features (C, E) and the text prompt rows CMPA reads before each block
         1..depth ({layer: rows}); neither depends on the images."""
         text, rows = self.text_stream(), {}
-        for layer, tblock in enumerate(self.clip.text_blocks):
+
+        def record(layer: int, image: None, text: TextStream) -> None:
             if 1 <= layer <= self.depth:
                 rows[layer] = text.rows(1, self.n_ctx)
-            text.step(tblock)
+
+        run_towers(None, text, record)
         return text.features(), rows
+
+    def couple(self, layer: int, image: ImageStream, text: Optional[TextStream],
+               text_rows: Optional[dict] = None) -> None:
+        """The coupling before block `layer` (run_towers' callback): CMPA between the prompt rows the previous
+        block wrote in both streams (uncoupled: the text rows of text_side), its outputs written back (the text
+        one only when coupled), each fused with the next block's ln_1."""
+        if not 1 <= layer <= self.depth:
+            return
+        rows_v, local = gather_rows(image.rows(None, self.n_ctx))  # every rank's rows: pooled over the global batch
+        rows_t = text.rows(1, self.n_ctx) if text is not None else text_rows[layer]
+        new_v, new_t = self.cmpa_at(layer)(rows_v, rows_t)
+        image.replace(new_v[local])
+        if text is not None:
+            text.replace(new_t, 1)
 
     def towers(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Image features (B, E) and text features (C, E), the towers stepped together. With the shared prefix
         the text prompt rows are one row set (the same for every class): CMPA then pools over one text row
         instead of C identical ones, which is the same result. Uncoupled, the text side comes first (cached
-        in evaluation) and the image tower reads its rows."""
-        clip, m = self.clip, self.n_ctx
-        xv = append_with_ln(clip.image_tokens(images), self.prompts_visual, clip.ln_pre, self.backend)
+        in evaluation) and the image tower alone is stepped, reading its rows."""
+        clip = self.clip
+        image = ImageStream(clip, append_with_ln(clip.image_tokens(images), self.prompts_visual, clip.ln_pre,
+                                                 self.backend), self.backend)
         if self.couple_text:
             text = self.text_stream()
-        else:
-            text_features, text_rows = self.cached_text_features(self.text_side)
-        for layer, (vblock, tblock) in enumerate(zip(clip.vision_blocks, clip.text_blocks)):
-            xv_ln = None
-            if 1 <= layer <= self.depth:
-                rows_v, local = gather_rows(xv[:, -m:])  # every rank's rows: the pooling sees the global batch
-                rows_t = text.rows(1, m) if self.couple_text else text_rows[layer]
-                new_v, new_t = self.cmpa_at(layer)(rows_v, rows_t)
-                xv, xv_ln = replace_with_ln(xv, new_v[local], None, vblock.ln_1, self.backend)
-                if self.couple_text:
-                    text.replace(new_t, 1, tblock.ln_1, self.backend)
-            with torch.profiler.record_function(IMAGE_SCOPE):
-                xv = apply_block(vblock, xv, x_ln=xv_ln)
-            if self.couple_text:
-                text.step(tblock)
-        return clip.image_features(xv), text.features() if self.couple_text else text_features
+            run_towers(image, text, self.couple)
+            return image.features(), text.features()
+        text_features, text_rows = self.cached_text_features(self.text_side)
+        run_towers(image, None, lambda layer, image, _: self.couple(layer, image, None, text_rows))
+        return image.features(), text_features
 
     def logits_and_extras(self, images: Tensor):
         image_features, text_features = self.towers(images)
