@@ -3,6 +3,7 @@ packed suffixes, a shared prefix) equals the block's own forward in float64, for
 open_clip 3.3's (nn.MultiheadAttention, batch-first or not; its custom block with open_clip's Attention) and
 open_clip 4.x's (tests/open_clip_main.py, written here); everything it does not model is refused by name."""
 
+import pathlib
 import re
 
 import open_clip
@@ -223,3 +224,15 @@ def test_a_clip_with_open_clip_4_blocks_is_driven_like_open_clip():
     torch.manual_seed(5)
     got = methods.build("dcp", model, CLASSNAMES, **methods.SMALL_MODEL_CONFIGS["dcp"])(images)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_open_clip_range_reaches_as_far_as_these_tests():
+    """setup.py declares the open_clip versions tested here: the installed one (CI's, the newest release) and
+    the 4.x line whose blocks tests/open_clip_main.py writes; not 5."""
+    from packaging.specifiers import SpecifierSet
+
+    setup = (pathlib.Path(__file__).parent.parent / "setup.py").read_text()
+    (spec,) = re.findall(r'"open_clip_torch([^";]*)"', setup)
+    versions = SpecifierSet(spec, prereleases=True)
+    assert open_clip.__version__ in versions
+    assert "4.2.0.dev0" in versions and "5.0.0" not in versions
