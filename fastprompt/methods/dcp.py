@@ -12,6 +12,20 @@ block are computed apart from the image tower, once per evaluation like the othe
 The visual pooling of CMPA mixes the images of a batch: under torch.distributed the visual prompt rows of all
 ranks are gathered before CMPA, so a DDP run equals a single-process run over the same global batch, and the
 logits depend on the evaluation batch (the harness logs its size).
+
+What couple_text=True costs (issue 14: "the coupled step takes twice as long"). Both settings run the towers
+alike: the same operators and shapes, 361.1 GFLOP per training step at ViT-B/16, C = 100, batch 4, M = 16
+(torch's FlopCounterMode). Coupling adds CMPA's text half, 28 GEMMs of 16 rows per call (forward, the
+backward's recomputation and the backward), about 50 ms of a 125 ms CMPA call on one CPU thread, so ~0.45 s
+over the 9 layers. Measured with one thread, interleaved, medians of 6 steps on the shared 2-core CPU: CPU time
+per step 6.2 s coupled and 6.0 s uncoupled (5.8 and 6.0 s before the streams moved to fastprompt.clip): within
+the noise, no twofold step. The twofold step appears with two threads on a busy 2-core machine: CMPA's
+operators are too small to gain from a second thread, and each waits for it while the other load holds the
+core (one 16×512·512×2048 GEMM: 0.56 ms on one thread, ~32 ms on two; CMPA forward + backward 0.1 s against
+0.7-1 s), and the text half doubles their number (two threads here: 53 s coupled against 43 s, the prompt ops
+47 % of the coupled step and 28 % of the other). Nothing in this method or the towers waits; time CPU steps with
+one thread. What would shorten both settings lies in the op: the reference backward recomputes each side's
+forward (a quarter of its GEMMs) and fills parameter gradients with zeros it then replaces.
 """
 
 from __future__ import annotations
