@@ -13,10 +13,10 @@ from .models import SMALL_CONFIGS, create_clip
 from .packed import PackedLayout, make_layout
 from .streams import (IMAGE_SCOPE, NO_HOOKS, TEXT_SCOPE, BlockHooks, Coupling, FullTextStream, ImageStream,
                       PackedTextStream, TextStream, encode_packed, run_blocks, run_towers)
-from .text import Slot, TokenizedPrompts, clean_classname, tokenize_templates, tokenize_words
+from .text import Slot, TokenizedPrompts, clean_classname, decode_words, tokenize_templates, tokenize_words
 
 __all__ = ["apply_block", "BlockHooks", "ClipBackbone", "ClipBlock", "Coupling", "FullTextStream", "IMAGE_SCOPE",
            "ImageStream", "NO_HOOKS", "PackedLayout", "PackedTextStream", "Slot", "SMALL_CONFIGS", "TEXT_SCOPE",
            "TextStream", "TokenizedPrompts", "UnsupportedModelError", "block_forward", "clean_classname",
-           "create_clip", "encode_packed", "make_layout", "run_blocks", "run_towers", "tokenize_templates",
-           "tokenize_words"]
+           "create_clip", "decode_words", "encode_packed", "make_layout", "run_blocks", "run_towers",
+           "tokenize_templates", "tokenize_words"]

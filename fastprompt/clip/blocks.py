@@ -108,9 +108,10 @@ def _check_attention(attn: nn.Module, where: str, width: int) -> None:
         raise UnsupportedModelError(
             f"fastprompt.clip: the {where} attention is {type(attn).__name__}; fastprompt reads self-attention with "
             "in_proj_weight, in_proj_bias, out_proj and num_heads (nn.MultiheadAttention, open_clip's Attention)")
-    if weight.shape != (3 * width, width) or attn.out_proj.weight.shape != (width, width) or width % heads:
-        _refuse(where, f"an attention of in_proj_weight {tuple(weight.shape)}, out_proj {tuple(attn.out_proj.weight.shape)} "
-                f"and {heads} heads over width {width} (not a self-attention of the block's width)")
+    out_shape = tuple(attn.out_proj.weight.shape)
+    if weight.shape != (3 * width, width) or out_shape != (width, width) or width % heads:
+        _refuse(where, f"an attention of in_proj_weight {tuple(weight.shape)}, out_proj {out_shape} and {heads} heads "
+                f"over width {width} (not a self-attention of the block's width)")
     if getattr(attn, "dropout", 0.0):  # nn.MultiheadAttention's own dropout probability
         _refuse(where, f"attention dropout (p={attn.dropout})")
     if getattr(attn, "add_zero_attn", False):
