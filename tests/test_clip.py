@@ -95,3 +95,11 @@ def test_a_failed_download_says_how_to_pass_a_local_checkpoint(monkeypatch):
     monkeypatch.setattr(open_clip, "create_model", offline)
     with pytest.raises(RuntimeError, match="pass its local path as pretrained="):
         create_clip("ViT-B-32", pretrained="openai")
+
+
+def test_words_decode_back_to_their_text():
+    from fastprompt.clip import decode_words, tokenize_words
+
+    ids = tokenize_words("a pixelated photo of a")
+    assert decode_words(ids).strip() == "a pixelated photo of a"
+    assert tokenize_words(decode_words(ids[1:3]).strip()) == ids[1:3]

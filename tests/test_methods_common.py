@@ -253,8 +253,8 @@ def test_autocast(name, device, dtype):
     clip = method.clip
     for tower, blocks in (("image", clip.vision_blocks), ("text", clip.text_blocks)):
         for i, block in enumerate(blocks):
-            block.ls_1.register_forward_hook(record(f"{tower} block {i} attention"))
-            block.mlp.register_forward_hook(record(f"{tower} block {i} mlp"))
+            block.module.ls_1.register_forward_hook(record(f"{tower} block {i} attention"))
+            block.module.mlp.register_forward_hook(record(f"{tower} block {i} mlp"))
     expected = {f"image block {i} {part}" for i in range(clip.vision_layers) for part in ("attention", "mlp")}
     if name != "vpt_deep":  # VPT-deep's text features are fixed at construction
         expected |= {f"text block {i} {part}" for i in range(clip.text_layers) for part in ("attention", "mlp")}

@@ -7,7 +7,7 @@ import torch
 import fastprompt
 from fastprompt import methods
 from fastprompt.clip import BlockHooks
-from fastprompt.clip.packed import encode_packed, make_layout
+from fastprompt.clip import encode_packed, make_layout
 
 from .method_helpers import batch, build
 

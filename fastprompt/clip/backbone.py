@@ -5,94 +5,19 @@ The block forward is re-implemented over each block's own parameters (no weight 
 towers reproduce open_clip's `encode_image` / `encode_text` to float rounding. Supported: CLIP models whose
 image tower is a ViT (`VisionTransformer` with class-token pooling, no attentional pooler, no patch dropout)
 and whose text tower is a causal transformer pooled at EOT: OpenAI and LAION ViT-B/32, ViT-B/16, ViT-L/14
-and their like, in `CLIP` or `CustomTextCLIP`. Anything else gets an error naming what is unsupported.
+and their like, in `CLIP` or `CustomTextCLIP`, of open_clip 2.x, 3.x and 4.x (the blocks are read through the
+adapter of blocks.py). Anything else gets an error naming what is unsupported. This file and blocks.py are the
+only ones that read how open_clip lays out a model.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-
-class UnsupportedModelError(ValueError):
-    """The open_clip model has a part fastprompt cannot drive; the message names it."""
-
-
-class BlockHooks:
-    """What a prompt method does around each transformer block. The default does nothing.
-
-    before(layer, x) -> (x, x_ln): rewrite rows of the stream before block `layer`; return x_ln = ln_1(x)
-        when it was computed on the way (the fused insertion), else None and the block applies ln_1.
-    after(layer, x) -> x: for example drop rows that were only meant for one block.
-    """
-
-    def before(self, layer: int, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        return x, None
-
-    def after(self, layer: int, x: Tensor) -> Tensor:
-        return x
-
-
-NO_HOOKS = BlockHooks()
-
-
-def _check_block(block: nn.Module, where: str) -> None:
-    from open_clip.transformer import ResidualAttentionBlock
-
-    if not isinstance(block, ResidualAttentionBlock):
-        raise UnsupportedModelError(f"fastprompt.clip: the {where} blocks are {type(block).__name__}; only open_clip's "
-                                    "ResidualAttentionBlock (plain multi-head attention) is supported")
-    if not isinstance(block.attn, nn.MultiheadAttention) or not block.attn.batch_first or hasattr(block, "ln_1_kv"):
-        raise UnsupportedModelError(f"fastprompt.clip: the {where} attention is not batch-first self-attention")
-
-
-def block_forward(block: nn.Module, x: Tensor, *, causal: bool = False, x_ln: Optional[Tensor] = None) -> Tensor:
-    """open_clip's ResidualAttentionBlock on a batch-first stream (N, L, D), over the block's parameters.
-
-    x_ln: ln_1(x) when the caller already has it (the fused prompt insertion); else ln_1 is applied here.
-    """
-    attn = block.attn
-    h = block.ln_1(x) if x_ln is None else x_ln
-    n, length, d = h.shape
-    heads = attn.num_heads
-    q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).view(n, length, 3, heads, d // heads).unbind(2)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
-    o = F.linear(o.transpose(1, 2).reshape(n, length, d), attn.out_proj.weight, attn.out_proj.bias)
-    x = x + block.ls_1(o)
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
-
-
-def apply_block(block: nn.Module, x: Tensor, *, causal: bool = False, x_ln: Optional[Tensor] = None,
-                checkpoint: bool = False) -> Tensor:
-    """block_forward, recomputed in the backward instead of keeping its activations when `checkpoint`
-    (activation checkpointing bounds the memory of methods that run many sequences)."""
-    if checkpoint and torch.is_grad_enabled():
-        return activation_checkpoint(_block_call, block, x, causal, x_ln, use_reentrant=False)
-    return block_forward(block, x, causal=causal, x_ln=x_ln)
-
-
-def _block_call(block, x, causal, x_ln):
-    return block_forward(block, x, causal=causal, x_ln=x_ln)
-
-
-TEXT_SCOPE, IMAGE_SCOPE = "fastprompt.text_tower", "fastprompt.image_tower"
-
-
-def run_blocks(blocks, x: Tensor, hooks: BlockHooks = NO_HOOKS, *, causal: bool = False,
-               checkpoint: bool = False) -> Tensor:
-    """The blocks in order, with the hooks around each. The blocks run inside a profiler scope named after
-    their tower (the hooks, which call the prompt ops, outside it), so a profile can split a step."""
-    scope = TEXT_SCOPE if causal else IMAGE_SCOPE
-    for layer, block in enumerate(blocks):
-        x, x_ln = hooks.before(layer, x)
-        with torch.profiler.record_function(scope):
-            x = apply_block(block, x, causal=causal, x_ln=x_ln, checkpoint=checkpoint)
-        x = hooks.after(layer, x)
-    return x
+from .blocks import ClipBlock, UnsupportedModelError
+from .streams import IMAGE_SCOPE, NO_HOOKS, TEXT_SCOPE, BlockHooks, run_blocks  # noqa: F401  (the scopes: also
+# importable from here, where they were first defined)
 
 
 class ClipBackbone(nn.Module):
@@ -133,9 +58,9 @@ class ClipBackbone(nn.Module):
         if pool not in ("argmax", "eos"):
             raise UnsupportedModelError(f"fastprompt.clip: the text tower pools by {pool!r}; only EOT pooling "
                                         "('argmax' or 'eos') is supported")
-        for name, blocks in (("image", visual.transformer.resblocks), ("text", text.transformer.resblocks)):
-            for block in blocks:
-                _check_block(block, name)
+        # plain tuples, not submodules: the adapters hold the model's own blocks, which the model registers
+        self._vision_blocks = tuple(ClipBlock(b, "image") for b in visual.transformer.resblocks)
+        self._text_blocks = tuple(ClipBlock(b, "text") for b in text.transformer.resblocks)
         self.text_pool = pool
         self.eos_id = getattr(model, "text_eos_id", getattr(text, "eos_id", None))
 
@@ -149,12 +74,14 @@ class ClipBackbone(nn.Module):
         return self.model.visual
 
     @property
-    def vision_blocks(self):
-        return self.model.visual.transformer.resblocks
+    def vision_blocks(self) -> tuple[ClipBlock, ...]:
+        """The image tower's blocks, read through the block adapter (blocks.py)."""
+        return self._vision_blocks
 
     @property
-    def text_blocks(self):
-        return self._text.transformer.resblocks
+    def text_blocks(self) -> tuple[ClipBlock, ...]:
+        """The text tower's blocks, read through the block adapter (blocks.py)."""
+        return self._text_blocks
 
     @property
     def vision_width(self) -> int:
@@ -174,11 +101,11 @@ class ClipBackbone(nn.Module):
 
     @property
     def vision_heads(self) -> int:
-        return self.vision_blocks[0].attn.num_heads
+        return self.vision_blocks[0].heads
 
     @property
     def text_heads(self) -> int:
-        return self.text_blocks[0].attn.num_heads
+        return self.text_blocks[0].heads
 
     @property
     def embed_dim(self) -> int:
@@ -207,13 +134,22 @@ class ClipBackbone(nn.Module):
             return (tokens == self.eos_id).int().argmax(-1)
         return tokens.argmax(-1)
 
+    @property
+    def text_positional_embedding(self) -> Tensor:
+        """(context_length, Dt), added to the token embeddings before block 0."""
+        return self._text.positional_embedding
+
     def text_stream(self, embeddings: Tensor) -> Tensor:
         """Token embeddings (prompts already written) + positional embeddings: the input of block 0."""
-        return embeddings + self._text.positional_embedding[: embeddings.shape[1]].to(embeddings.dtype)
+        return embeddings + self.text_positional_embedding[: embeddings.shape[1]].to(embeddings.dtype)
 
     def text_features(self, x: Tensor, eot: Tensor) -> Tensor:
         """The last block's output → ln_final at the EOT rows → text projection (N, E)."""
-        x = self._text.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])
+        return self.pooled_text_features(x[torch.arange(x.shape[0], device=x.device), eot])
+
+    def pooled_text_features(self, x: Tensor) -> Tensor:
+        """The last block's output at the EOT rows (N, Dt) → ln_final → text projection (N, E)."""
+        x = self._text.ln_final(x)
         proj = self._text.text_projection
         if proj is None:
             return x

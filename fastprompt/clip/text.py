@@ -77,3 +77,8 @@ def tokenize_templates(templates: Sequence[Sequence[Piece]], context_length: int
 def tokenize_words(text: str) -> list[int]:
     """BPE ids of a phrase (for initialising context vectors from words such as "a photo of a")."""
     return _tokenizer().encode(text)
+
+
+def decode_words(ids: Sequence[int]) -> str:
+    """The text of BPE ids (tokenize_words' inverse, up to spacing)."""
+    return _tokenizer().decode(list(ids))

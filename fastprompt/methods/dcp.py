@@ -12,19 +12,31 @@ block are computed apart from the image tower, once per evaluation like the othe
 The visual pooling of CMPA mixes the images of a batch: under torch.distributed the visual prompt rows of all
 ranks are gathered before CMPA, so a DDP run equals a single-process run over the same global batch, and the
 logits depend on the evaluation batch (the harness logs its size).
+
+What couple_text=True costs (issue 14: "the coupled step takes twice as long"). Both settings run the towers
+alike: the same operators and shapes, 361.1 GFLOP per training step at ViT-B/16, C = 100, batch 4, M = 16
+(torch's FlopCounterMode). Coupling adds CMPA's text half, 28 GEMMs of 16 rows per call (forward, the
+backward's recomputation and the backward), about 50 ms of a 125 ms CMPA call on one CPU thread, so ~0.45 s
+over the 9 layers. Measured with one thread, interleaved, medians of 6 steps on the shared 2-core CPU: CPU time
+per step 6.2 s coupled and 6.0 s uncoupled (5.8 and 6.0 s before the streams moved to fastprompt.clip): within
+the noise, no twofold step. The twofold step appears with two threads on a busy 2-core machine: CMPA's
+operators are too small to gain from a second thread, and each waits for it while the other load holds the
+core (one 16×512·512×2048 GEMM: 0.56 ms on one thread, ~32 ms on two; CMPA forward + backward 0.1 s against
+0.7-1 s), and the text half doubles their number (two threads here: 53 s coupled against 43 s, the prompt ops
+47 % of the coupled step and 28 % of the other). Nothing in this method or the towers waits; time CPU steps with
+one thread. What would shorten both settings lies in the op: the reference backward recomputes each side's
+forward (a quarter of its GEMMs) and fills parameter gradients with zeros it then replaces.
 """
 
 from __future__ import annotations
 
 from typing import Iterable, Optional
 
-import torch
 from torch import Tensor, nn
 
-from ..clip import Slot, apply_block, clean_classname
-from ..clip.backbone import IMAGE_SCOPE
+from ..clip import ImageStream, Slot, TextStream, clean_classname, run_towers
 from ..modules import CrossModalPromptAttention
-from .base import PromptMethod, append_with_ln, check_depth, check_tokens, normal_init, replace_with_ln
+from .base import PromptMethod, append_with_ln, check_depth, check_tokens, normal_init
 from .text import TextPath, TextPrompts
 from .distributed import gather_rows
 from .maple import first_words_context
@@ -84,37 +96,43 @@ class DCP(PromptMethod):
         """couple_text=False: the text features (C, E) and the text prompt rows CMPA reads before each block
         1..depth ({layer: rows}); neither depends on the images."""
         text, rows = self.text_stream(), {}
-        for layer, tblock in enumerate(self.clip.text_blocks):
+
+        def record(layer: int, image: None, text: TextStream) -> None:
             if 1 <= layer <= self.depth:
                 rows[layer] = text.rows(1, self.n_ctx)
-            text.step(tblock)
+
+        run_towers(None, text, record)
         return text.features(), rows
+
+    def couple(self, layer: int, image: ImageStream, text: Optional[TextStream],
+               text_rows: Optional[dict] = None) -> None:
+        """The coupling before block `layer` (run_towers' callback): CMPA between the prompt rows the previous
+        block wrote in both streams (uncoupled: the text rows of text_side), its outputs written back (the text
+        one only when coupled), each fused with the next block's ln_1."""
+        if not 1 <= layer <= self.depth:
+            return
+        rows_v, local = gather_rows(image.rows(None, self.n_ctx))  # every rank's rows: pooled over the global batch
+        rows_t = text.rows(1, self.n_ctx) if text is not None else text_rows[layer]
+        new_v, new_t = self.cmpa_at(layer)(rows_v, rows_t)
+        image.replace(new_v[local])
+        if text is not None:
+            text.replace(new_t, 1)
 
     def towers(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Image features (B, E) and text features (C, E), the towers stepped together. With the shared prefix
         the text prompt rows are one row set (the same for every class): CMPA then pools over one text row
         instead of C identical ones, which is the same result. Uncoupled, the text side comes first (cached
-        in evaluation) and the image tower reads its rows."""
-        clip, m = self.clip, self.n_ctx
-        xv = append_with_ln(clip.image_tokens(images), self.prompts_visual, clip.ln_pre, self.backend)
+        in evaluation) and the image tower alone is stepped, reading its rows."""
+        clip = self.clip
+        image = ImageStream(clip, append_with_ln(clip.image_tokens(images), self.prompts_visual, clip.ln_pre,
+                                                 self.backend), self.backend)
         if self.couple_text:
             text = self.text_stream()
-        else:
-            text_features, text_rows = self.cached_text_features(self.text_side)
-        for layer, (vblock, tblock) in enumerate(zip(clip.vision_blocks, clip.text_blocks)):
-            xv_ln = None
-            if 1 <= layer <= self.depth:
-                rows_v, local = gather_rows(xv[:, -m:])  # every rank's rows: the pooling sees the global batch
-                rows_t = text.rows(1, m) if self.couple_text else text_rows[layer]
-                new_v, new_t = self.cmpa_at(layer)(rows_v, rows_t)
-                xv, xv_ln = replace_with_ln(xv, new_v[local], None, vblock.ln_1, self.backend)
-                if self.couple_text:
-                    text.replace(new_t, 1, tblock.ln_1, self.backend)
-            with torch.profiler.record_function(IMAGE_SCOPE):
-                xv = apply_block(vblock, xv, x_ln=xv_ln)
-            if self.couple_text:
-                text.step(tblock)
-        return clip.image_features(xv), text.features() if self.couple_text else text_features
+            run_towers(image, text, self.couple)
+            return image.features(), text.features()
+        text_features, text_rows = self.cached_text_features(self.text_side)
+        run_towers(image, None, lambda layer, image, _: self.couple(layer, image, None, text_rows))
+        return image.features(), text_features
 
     def logits_and_extras(self, images: Tensor):
         image_features, text_features = self.towers(images)

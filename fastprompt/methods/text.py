@@ -19,10 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import insert_prompts
-from ..clip import NO_HOOKS, apply_block, clean_classname, tokenize_templates, tokenize_words
-from ..clip.backbone import TEXT_SCOPE
-from ..clip.text import _tokenizer
-from ..clip.packed import PackedLayout, PackedTextStream, encode_packed, make_layout
+from ..clip import (NO_HOOKS, FullTextStream, PackedLayout, PackedTextStream, TextStream, clean_classname,
+                    decode_words, encode_packed, make_layout, tokenize_templates, tokenize_words)
 from .base import normal_init
 
 MAX_LAYOUTS = 32  # packed layouts kept per TextPrompts (chunks × batch sizes × devices)
@@ -97,14 +95,14 @@ class TextPrompts(nn.Module):
             self._layouts[key] = make_layout(eot, self.ids.shape[1], prefix_len).to(device)
         return self._layouts[key]
 
-    def stream(self, clip, embeddings: Tensor, path: TextPath):
+    def stream(self, clip, embeddings: Tensor, path: TextPath) -> TextStream:
         """The text tower over every class as a stream to step block by block (for methods that drive the
-        towers themselves), on the path `path` selects."""
+        towers themselves, fastprompt.clip.run_towers), on the path `path` selects."""
         classes = slice(0, self.ids.shape[0])
         if not path.pack_text:
-            return FullTextStream(clip, embeddings, self.eot, path.checkpoint_text)
+            return FullTextStream(clip, embeddings, self.eot, self.backend, path.checkpoint_text)
         layout = self.layout(classes, self.prefix_for(path), embeddings.device)
-        return PackedTextStream(clip, embeddings, layout, path.checkpoint_text)
+        return PackedTextStream(clip, embeddings, layout, self.backend, path.checkpoint_text)
 
     def prefix_for(self, path: TextPath) -> int:
         return self.prefix_len if path.pack_text and path.prefix_reuse else 0
@@ -142,30 +140,6 @@ class TextPrompts(nn.Module):
         return encode_packed(clip, embeddings, layout, NO_HOOKS, later or hooks, checkpoint=path.checkpoint_text)
 
 
-class FullTextStream:
-    """The text tower on full 77-token sequences, stepped block by block, with the same interface as
-    PackedTextStream (pack_text=False)."""
-
-    def __init__(self, clip, embeddings: Tensor, eot: Tensor, checkpoint: bool = False):
-        self.clip, self.eot, self.checkpoint = clip, eot, checkpoint
-        self.x, self.x_ln = clip.text_stream(embeddings), None
-
-    def rows(self, start: int, m: int) -> Tensor:
-        return self.x[:, start:start + m]
-
-    def replace(self, rows: Tensor, start: int, ln: nn.Module, backend: str) -> None:
-        self.x, self.x_ln = insert_prompts(self.x, rows, start, ln.weight, ln.bias, ln.eps, "replace",
-                                           backend=backend)
-
-    def step(self, block: nn.Module) -> None:
-        with torch.profiler.record_function(TEXT_SCOPE):
-            self.x = apply_block(block, self.x, causal=True, x_ln=self.x_ln, checkpoint=self.checkpoint)
-        self.x_ln = None
-
-    def features(self) -> Tensor:
-        return self.clip.text_features(self.x, self.eot)
-
-
 def context_init(clip, n_ctx: int, ctx_init: Optional[str], shape_prefix=()) -> tuple[nn.Parameter, int, str]:
     """Context vectors (*shape_prefix, n, Dt), their number n and the text that follows them in the template.
 
@@ -181,7 +155,7 @@ def context_init(clip, n_ctx: int, ctx_init: Optional[str], shape_prefix=()) -> 
     phrase = clean_classname(ctx_init)
     ids = tokenize_words(phrase)
     n = len(phrase.split())
-    rest = _tokenizer().decode(ids[n:]).strip() if len(ids) > n else ""
+    rest = decode_words(ids[n:]).strip() if len(ids) > n else ""
     if tokenize_words(rest) != ids[n:]:
         raise ValueError(f"ctx_init {ctx_init!r}: its tokens after the first {n} (one per word) do not tokenise "
                          f"alone as they do in the phrase ({rest!r}), so the public prompt cannot be rebuilt from "
