@@ -1,4 +1,5 @@
-"""Cross-modal prompt attention in Triton (the math: fastprompt/reference/cmpa.py).
+"""Cross-modal prompt attention in Triton: the triton backend of the op cmpa (declared in fastprompt/ops/cmpa.py;
+the math: fastprompt/reference/cmpa.py).
 
 The compute is tiny (M ≤ 64 prompt rows) and the weights are large (≈ 11 M parameters at ViT-B/16
 widths), so every GEMM stage is a "tiny-M" GEMM: a program owns a tile of output columns (or, for a
@@ -42,13 +43,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastprompt import backends
-from fastprompt.ops import fakes
-from fastprompt._alloc import empty
+from fastprompt.ops.cmpa import CMPA, CMPASideParams
 from fastprompt.ops.cmpa_layout import forward_layout, offsets
-from fastprompt.reference.cmpa import N_SIDE_PARAMS, CMPASideParams
+from fastprompt.ops.outputs import empty
 
-from ._common import dot_precision, dtype_reason, next_pow2, on_the_inputs_device
+from ._common import dot_precision, dtype_reason, implement, next_pow2
 
 MAX_PROMPTS = 64
 MAX_WIDTH = 1024
@@ -828,11 +827,9 @@ def _block_m(m: int) -> int:
     return max(16, next_pow2(m))
 
 
-@torch.library.custom_op("fastprompt::cmpa_fwd_triton", mutates_args=())
-@on_the_inputs_device
-def cmpa_fwd_triton(visual: Tensor, text: Tensor, visual_params: list[Tensor], text_params: list[Tensor],
-                    n_head_visual: int, n_head_text: int, fusing: str, eps: float, compute_text: bool
-                    ) -> tuple[Tensor, Tensor, list[Tensor]]:
+def cmpa_fwd(visual: Tensor, text: Tensor, visual_params: list[Tensor], text_params: list[Tensor],
+             n_head_visual: int, n_head_text: int, fusing: str, eps: float, compute_text: bool
+             ) -> tuple[Tensor, Tensor, list[Tensor]]:
     sv = _Side(visual, visual_params, n_head_visual, text.shape[2])
     st = _Side(text, text_params, n_head_text, visual.shape[2])
     m = sv.m
@@ -889,19 +886,14 @@ def cmpa_fwd_triton(visual: Tensor, text: Tensor, visual_params: list[Tensor], t
     return out_v, out_t, [wsv, wst, idx_v, idx_t]
 
 
-cmpa_fwd_triton.register_fake(fakes.cmpa_fwd)
-
-
 def _grads_like(params: CMPASideParams) -> CMPASideParams:
     return CMPASideParams(*(empty(*p.shape, like=p) for p in params))
 
 
-@torch.library.custom_op("fastprompt::cmpa_bwd_triton", mutates_args=())
-@on_the_inputs_device
-def cmpa_bwd_triton(grad_visual_out: Optional[Tensor], grad_text_out: Optional[Tensor], visual: Tensor,
-                    text: Tensor, visual_params: list[Tensor], text_params: list[Tensor], saved: list[Tensor],
-                    n_head_visual: int, n_head_text: int, fusing: str, eps: float, compute_text: bool
-                    ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+def cmpa_bwd(grad_visual_out: Optional[Tensor], grad_text_out: Optional[Tensor], visual: Tensor, text: Tensor,
+             visual_params: list[Tensor], text_params: list[Tensor], saved: list[Tensor], n_head_visual: int,
+             n_head_text: int, fusing: str, eps: float, compute_text: bool
+             ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
     sv = _Side(visual, visual_params, n_head_visual, text.shape[2])
     st = _Side(text, text_params, n_head_text, visual.shape[2])
     m = sv.m
@@ -980,9 +972,6 @@ def cmpa_bwd_triton(grad_visual_out: Optional[Tensor], grad_text_out: Optional[T
     return dvisual, dtext, list(gv), (list(gt) if compute_text else [p.new_empty(0) for p in st.p])
 
 
-cmpa_bwd_triton.register_fake(fakes.cmpa_bwd)
-
-
 def supports(problem: dict) -> Optional[str]:
     reason = dtype_reason(problem)
     if reason is not None:
@@ -994,4 +983,4 @@ def supports(problem: dict) -> Optional[str]:
     return None
 
 
-backends.register_impl("cmpa", "triton", cmpa_fwd_triton, cmpa_bwd_triton, supports)
+implement(CMPA, cmpa_fwd, cmpa_bwd, supports)

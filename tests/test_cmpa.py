@@ -174,18 +174,18 @@ def test_cuda_one_launch_each_way(widths, fusing):
     """The CUDA C++ CMPA runs both sides in one cooperative launch forward and one backward, counted by the
     extension (which would report the per-stage fallback) and by the profiler."""
     dev = require_backend("cmpa", "cuda", "cuda")
-    from fastprompt.ops import cuda_impls
+    from fastprompt.ops import cuda as cuda_backend
 
     dv, hv, dt, ht = widths
     module = make_module(dv, hv, dt, ht, fusing, backend="cuda").to(dev)
     visual = torch.randn(7, 4, dv, device=dev, requires_grad=True)
     text = torch.randn(7, 6, dt, device=dev, requires_grad=True)
-    before = cuda_impls.launches()
+    before = cuda_backend.launches()
     new_v, new_t = module(visual, text)
-    forward = cuda_impls.launches() - before
-    before = cuda_impls.launches()
+    forward = cuda_backend.launches() - before
+    before = cuda_backend.launches()
     torch.autograd.backward([new_v, new_t], [torch.ones_like(new_v), torch.ones_like(new_t)])
-    backward = cuda_impls.launches() - before
+    backward = cuda_backend.launches() - before
     assert (forward, backward) == (1, 1)
     vp = [p.detach() for p in module.side_params("visual")]
     tp = [p.detach() for p in module.side_params("text")]
@@ -208,7 +208,7 @@ def test_cuda_emulated_launches_each_way(monkeypatch, widths, fusing, cooperativ
     if not CUDA_EMULATED:
         pytest.skip("needs FASTPROMPT_CUDA_EMULATE=1 (on a GPU: test_cuda_one_launch_each_way)")
     require_backend("cmpa", "cuda", "cpu")
-    from fastprompt.ops import cuda_impls
+    from fastprompt.ops import cuda as cuda_backend
 
     monkeypatch.setenv("FASTPROMPT_CUDA_EMULATE_COOPERATIVE", "1" if cooperative else "0")
     dv, hv, dt, ht = widths
@@ -217,7 +217,7 @@ def test_cuda_emulated_launches_each_way(monkeypatch, widths, fusing, cooperativ
     upstream = [torch.randn(7, 4, dv), torch.randn(7, 6, dt)]
 
     def counts():
-        return cuda_impls.launches(), torch.ops.cuda_emulator.kernel_launches()
+        return cuda_backend.launches(), torch.ops.cuda_emulator.kernel_launches()
 
     before = counts()
     with poisoned_outputs():

@@ -1,9 +1,11 @@
-"""Functional forms of every fastprompt op. Each takes `backend=` ("auto" by default)."""
+"""The ops. Each is declared once in fastprompt/ops/<op>.py (the schemas of its raw ops, their fakes, the
+problem its backends read, the checks of its inputs); its functional form, exported here, is in
+fastprompt/ops/functional.py. Every functional form takes `backend=` ("auto" by default)."""
 
-from ..reference.cmpa import CMPASideParams
-from .cmpa import CrossModalPromptAttentionFunction, cross_modal_prompt_attention
-from .dafe import DeepAdaptiveFeatureEnhancementFunction, dafe_fusion
-from .insert import InsertPromptsFunction, InsertPromptsPackedFunction, insert_prompts
+from .cmpa import CMPASideParams
+from .functional import (CrossModalPromptAttentionFunction, DeepAdaptiveFeatureEnhancementFunction,
+                         InsertPromptsFunction, InsertPromptsPackedFunction, cross_modal_prompt_attention, dafe_fusion,
+                         insert_prompts)
 
 __all__ = [
     "CMPASideParams",
