@@ -167,6 +167,28 @@ def test_triton_launch_budget(device, fusing):
         assert fwd_kernels <= 6 and bwd_kernels <= 8, (fwd_kernels, bwd_kernels)
 
 
+def test_triton_workspace_slots_follow_the_layouts():
+    """The Triton stages find each side's workspace slots from its sizes (kernels/cmpa.py `_xbar` ... `_dother`);
+    they must be the slots of fastprompt/ops/cmpa_layout.py (the saved workspace the fakes describe) and of
+    `backward_layout` (the backward's allocation): a probe kernel marks the first element of every slot."""
+    require_backend("cmpa", "triton", "cpu")
+    from fastprompt.kernels import cmpa as triton_cmpa
+    from fastprompt.ops.cmpa_layout import forward_layout
+
+    from .triton_probes import cmpa_workspace_slots
+
+    for m, d, d_other, heads, f in [(1, 24, 40, 3, 96), (7, 40, 24, 5, 160), (16, 768, 512, 12, 3072)]:
+        fwd = forward_layout(m, d, heads, f)
+        bwd = triton_cmpa.backward_layout(m, d, d_other, f)
+        ws, bws = torch.zeros(fwd["_total"][0] + 1), torch.zeros(bwd["_total"][0] + 1)
+        side = triton_cmpa.SideView(d, f, heads, d // heads, (d // heads) ** -0.5, ws, bws)
+        cmpa_workspace_slots[(1,)](side, m)
+        for layout, buffer in ((fwd, ws), (bwd, bws)):
+            names = [name for name in layout if name != "_total"]
+            marks = {int(i): int(buffer[i]) for i in buffer.nonzero().flatten()}
+            assert marks == {layout[name][0]: k + 1 for k, name in enumerate(names)}, (m, d, names, marks)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("widths", [(24, 3, 40, 5), (768, 12, 512, 8)], ids=["small", "vit-b16"])
 @pytest.mark.parametrize("fusing", FUSINGS)
