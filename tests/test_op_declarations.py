@@ -86,7 +86,7 @@ def test_the_list_of_ops_is_the_declarations():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "Op":
                 declarations.add(node.args[0].value)
-    assert declarations == {"cmpa", "dafe", "insert_prompts", "insert_prompts_packed"}
+    assert {"cmpa", "dafe", "insert_prompts", "insert_prompts_packed"} <= declarations  # the scan reads them
     assert set(backends.OPS) == declarations  # `import fastprompt` imports every declaration
     assert set(info.report()["ops"]) == declarations
 

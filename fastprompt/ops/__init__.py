@@ -2,18 +2,8 @@
 problem its backends read, the checks of its inputs); its functional form, exported here, is in
 fastprompt/ops/functional.py. Every functional form takes `backend=` ("auto" by default)."""
 
+from . import functional
 from .cmpa import CMPASideParams
-from .functional import (CrossModalPromptAttentionFunction, DeepAdaptiveFeatureEnhancementFunction,
-                         InsertPromptsFunction, InsertPromptsPackedFunction, cross_modal_prompt_attention, dafe_fusion,
-                         insert_prompts)
+from .functional import *  # noqa: F401,F403  (functional.__all__)
 
-__all__ = [
-    "CMPASideParams",
-    "cross_modal_prompt_attention",
-    "dafe_fusion",
-    "insert_prompts",
-    "CrossModalPromptAttentionFunction",
-    "DeepAdaptiveFeatureEnhancementFunction",
-    "InsertPromptsFunction",
-    "InsertPromptsPackedFunction",
-]
+__all__ = ["CMPASideParams", *functional.__all__]

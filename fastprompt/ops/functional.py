@@ -19,6 +19,10 @@ from .insert_prompts import check_inputs as check_insert_inputs
 from .insert_prompts_packed import INSERT_PROMPTS_PACKED
 from .insert_prompts_packed import check_inputs as check_packed_inputs
 
+# what fastprompt.ops exports: every op's functional form and its autograd Function
+__all__ = ["cross_modal_prompt_attention", "dafe_fusion", "insert_prompts", "CrossModalPromptAttentionFunction",
+           "DeepAdaptiveFeatureEnhancementFunction", "InsertPromptsFunction", "InsertPromptsPackedFunction"]
+
 
 # ---- cmpa ----------------------------------------------------------------------------------------------------
 
