@@ -1,7 +1,8 @@
 """Backend loading and selection.
 
 Every op (declared once in fastprompt/ops/<op>.py, see fastprompt/declaration.py) has one implementation per
-backend, found by module name the first time it is needed:
+backend, found by module name: the reference ones when fastprompt.ops is imported (`load_all`), the others the
+first time they are needed:
 
   reference  pure PyTorch, any device, the specification: fastprompt/reference/<op>.py
   triton     Triton kernels, kernels/<op>.py (fastprompt.kernels.<op>): CUDA tensors, or CPU tensors under
@@ -61,7 +62,7 @@ def __getattr__(name: str):
 
 # ----------------------------------------------------------------------------------------------
 # Loading. A backend loads at most once (triton: the triton package and fastprompt.kernels; cuda: the
-# extension), and each op's implementation on it is found by module name the first time it is needed:
+# extension), and each op's implementation on it is found by module name (`implementation`):
 #   reference  fastprompt/reference/<op>.py    triton  kernels/<op>.py (fastprompt.kernels.<op>)
 #   cuda       the raw ops fastprompt._C defines (csrc/bindings.cpp), given their fakes by fastprompt/ops/cuda.py
 # The reasons of failures are kept for the error messages and for `fastprompt info`.
@@ -160,6 +161,14 @@ def implementation(op: Op | str, backend: str) -> Optional[OpImpl]:
             _missing[(op.name, backend)] = str(exc)
             return None
     return op.implementation(backend)
+
+
+def load_all(backend: str) -> None:
+    """Load `backend`'s implementation of every declared op now. fastprompt.ops does it for the reference, every
+    op's fallback, so that it is there before any call: torch.compile traces the dispatch and cannot import a
+    module while it traces (the other backends load on their first eager call)."""
+    for op in declared():
+        implementation(op, backend)
 
 
 def triton_interpret() -> bool:
