@@ -43,7 +43,8 @@ PARTS = [
                          "tests/test_method_deep.py", "tests/test_method_dpt.py", "tests/test_method_map_dafe.py",
                          "tests/test_method_tmml.py", "tests/test_method_contract.py", "tests/test_text_path.py",
                          "tests/test_training_step.py", "tests/test_public_checkpoints.py", "tests/test_clip.py"]),
-    ("emulator", "emulated", [*OPS, "tests/test_cuda_emulator.py", "-k", "cuda or emulator"]),
+    ("emulator", "emulated", [*OPS, "tests/test_op_declarations.py", "tests/test_cuda_emulator.py", "-k",
+                                 "cuda or emulator"]),
     ("emulator-reversed", "emulated-reverse", [*OPS, "-k", "cuda"]),
     ("bench-smoke", "bench", ["benches", "--benchmark-disable"]),
 ]

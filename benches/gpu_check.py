@@ -38,7 +38,7 @@ from fastprompt import backends  # noqa: E402
 from fastprompt.ops import cross_modal_prompt_attention, dafe_fusion, insert_prompts  # noqa: E402
 from fastprompt.reference.cmpa import cmpa_eager  # noqa: E402
 from fastprompt.reference.dafe import dafe_eager  # noqa: E402
-from fastprompt.reference.insert import insert_eager  # noqa: E402
+from fastprompt.reference.insert_prompts import insert_eager  # noqa: E402
 
 DTYPE = torch.bfloat16
 PROVIDERS = ["eager", "compile", "cudagraph", "triton", "cuda"]

@@ -12,7 +12,7 @@ from fastprompt.modules import CrossModalPromptAttention, DeepAdaptiveFeatureEnh
 from fastprompt.ops import cross_modal_prompt_attention, dafe_fusion
 from fastprompt.reference.cmpa import cmpa_eager
 from fastprompt.reference.dafe import dafe_eager
-from fastprompt.reference.insert import insert_eager
+from fastprompt.reference.insert_prompts import insert_eager
 
 from .conftest import DEVICE, DTYPE, ON_GPU, make_step, providers, run_benchmark
 

@@ -2,10 +2,11 @@
 //
 // This is the only translation unit that includes the torch headers; the kernels live in torch-free .cu files
 // taking raw pointers, shapes and strides (csrc/kernels.h). Here the raw ops are registered as
-// fastprompt::<op>_{fwd,bwd}_cuda with TORCH_LIBRARY_FRAGMENT (the schemas of the Python backends' ops, so one
-// autograd Function drives them all), their inputs are checked with messages a user understands, their outputs
-// allocated, and every CUDA error turned into a Python error. Fake (meta) implementations are registered from
-// Python (fastprompt/cuda_ops.py).
+// fastprompt::<op>_{fwd,bwd}_cuda with TORCH_LIBRARY_FRAGMENT, with the schemas of the op's declaration
+// (fastprompt/ops/<op>.py: tests/test_op_declarations.py compares them with these strings, and the Python side
+// refuses a build whose schemas differ), so one autograd Function drives every backend. Their inputs are checked
+// with messages a user understands, their outputs allocated, and every CUDA error turned into a Python error. The
+// fakes (meta implementations) are the declaration's, registered from Python (fastprompt/ops/cuda.py).
 //
 // With FASTPROMPT_CUDA_EMULATOR defined, the same file builds the CPU emulation of the tests (tests/cuda_emulator/,
 // FASTPROMPT_CUDA_EMULATE=1): no CUDA headers or runtime, the ops registered for CPU tensors, which the emulator's
@@ -647,24 +648,24 @@ std::tuple<at::Tensor, at::Tensor, Tensors, Tensors> cmpa_bwd(
 TORCH_LIBRARY_FRAGMENT(fastprompt, m) {
   m.def("cuda_build_info() -> str", &fastprompt::cuda_build_info);
   m.def("cuda_cmpa_launches() -> int", &fastprompt::cmpa_launches);
-  m.def("insert_prompts_fwd_cuda(Tensor x, Tensor prompts, int start, Tensor? starts, Tensor? ln_weight, "
+  m.def("insert_prompts_fwd_cuda(Tensor x, Tensor prompts, SymInt start, Tensor? starts, Tensor? ln_weight, "
         "Tensor? ln_bias, float eps, str mode) -> (Tensor, Tensor, Tensor[])");
-  m.def("insert_prompts_bwd_cuda(Tensor? grad_y, Tensor? grad_y_ln, Tensor x, Tensor prompts, int start, "
+  m.def("insert_prompts_bwd_cuda(Tensor? grad_y, Tensor? grad_y_ln, Tensor x, Tensor prompts, SymInt start, "
         "Tensor? starts, Tensor? ln_weight, Tensor? ln_bias, Tensor[] saved, float eps, str mode) "
         "-> (Tensor, Tensor, Tensor[])");
-  m.def("insert_prompts_packed_fwd_cuda(Tensor x, Tensor prompts, Tensor cu_seqlens, int start, Tensor? starts, "
+  m.def("insert_prompts_packed_fwd_cuda(Tensor x, Tensor prompts, Tensor cu_seqlens, SymInt start, Tensor? starts, "
         "Tensor? ln_weight, Tensor? ln_bias, float eps) -> (Tensor, Tensor, Tensor[])");
   m.def("insert_prompts_packed_bwd_cuda(Tensor? grad_y, Tensor? grad_y_ln, Tensor x, Tensor prompts, "
-        "Tensor cu_seqlens, int start, Tensor? starts, Tensor? ln_weight, Tensor? ln_bias, Tensor[] saved, "
+        "Tensor cu_seqlens, SymInt start, Tensor? starts, Tensor? ln_weight, Tensor? ln_bias, Tensor[] saved, "
         "float eps) -> (Tensor, Tensor, Tensor[])");
   m.def("dafe_fwd_cuda(Tensor prev, Tensor task, Tensor[] params, str gate, float eps) -> (Tensor, Tensor[])");
   m.def("dafe_bwd_cuda(Tensor grad_out, Tensor prev, Tensor task, Tensor[] params, Tensor[] saved, str gate, "
         "float eps) -> (Tensor, Tensor, Tensor[])");
   m.def("cmpa_fwd_cuda(Tensor visual, Tensor text, Tensor[] visual_params, Tensor[] text_params, "
-        "int n_head_visual, int n_head_text, str fusing, float eps, bool compute_text) "
+        "SymInt n_head_visual, SymInt n_head_text, str fusing, float eps, bool compute_text) "
         "-> (Tensor, Tensor, Tensor[])");
   m.def("cmpa_bwd_cuda(Tensor? grad_visual_out, Tensor? grad_text_out, Tensor visual, Tensor text, "
-        "Tensor[] visual_params, Tensor[] text_params, Tensor[] saved, int n_head_visual, int n_head_text, "
+        "Tensor[] visual_params, Tensor[] text_params, Tensor[] saved, SymInt n_head_visual, SymInt n_head_text, "
         "str fusing, float eps, bool compute_text) -> (Tensor, Tensor, Tensor[], Tensor[])");
 }
 

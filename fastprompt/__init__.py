@@ -13,7 +13,6 @@ __version__ = "0.1.0"
 import warnings as _warnings
 
 from . import _extension
-from . import reference as _reference  # noqa: F401  registers the reference backend
 from .backends import BackendUnavailableError, available_backends, backend, set_backend
 from .modules import CrossModalPromptAttention, DeepAdaptiveFeatureEnhancement
 from .ops import insert_prompts

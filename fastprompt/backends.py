@@ -1,11 +1,17 @@
-"""Backend registry and selection.
+"""Backend loading and selection.
 
-Every op has one implementation per backend:
+Every op (declared once in fastprompt/ops/<op>.py, see fastprompt/declaration.py) has one implementation per
+backend, found by module name: the reference ones when fastprompt.ops is imported (`load_all`), the others the
+first time they are needed:
 
-  reference  pure PyTorch, any device, the specification (fastprompt.reference)
-  triton     Triton kernels (fastprompt.kernels): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
-  cuda       the compiled extension fastprompt._C: CUDA tensors; CPU tensors under FASTPROMPT_CUDA_EMULATE=1
-             (the kernels on a CPU emulator of the GPU, tests only)
+  reference  pure PyTorch, any device, the specification: fastprompt/reference/<op>.py
+  triton     Triton kernels, kernels/<op>.py (fastprompt.kernels.<op>): CUDA tensors, or CPU tensors under
+             TRITON_INTERPRET=1
+  cuda       the compiled extension fastprompt._C (csrc/): CUDA tensors; CPU tensors under
+             FASTPROMPT_CUDA_EMULATE=1 (the kernels on a CPU emulator of the GPU, tests only)
+
+Nothing a backend module imports leads back here (the declarations sit below both), so the loading by name
+makes no import cycle.
 
 A call picks its backend from, most specific first: the call's `backend=` argument, the module's
 `backend` attribute, the innermost `with fastprompt.backend(...)` block, `fastprompt.set_backend(...)`,
@@ -27,15 +33,14 @@ import importlib.util
 import os
 import sys
 import threading
-from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
+from .declaration import BACKENDS, ImplementationMissing, Op, OpImpl, declared, find
+
 AUTO = "auto"
 ENV_VAR = "FASTPROMPT_BACKEND"
-OPS = ("cmpa", "dafe", "insert_prompts", "insert_prompts_packed")
 
 # Order in which `auto` tries the backends on CUDA tensors, meant to be fastest first. The CUDA C++
 # kernels (one cooperative launch each way for CMPA) have so far only been compiled, never run on a GPU,
@@ -49,42 +54,21 @@ class BackendUnavailableError(RuntimeError):
     """A backend that was asked for cannot serve the inputs at hand; the message says why."""
 
 
-@dataclass(frozen=True)
-class OpImpl:
-    """One backend's implementation of one op: its raw forward and backward custom ops.
-
-    `supports(problem)` returns None when the backend can serve the problem (a dict of shapes, dtype,
-    and op options, see each op's `_problem`) or a sentence saying why not.
-    """
-
-    op: str
-    backend: str
-    forward: Callable
-    backward: Callable
-    supports: Callable[[dict], Optional[str]]
-
-
-def _always(problem: dict) -> Optional[str]:
-    return None
-
-
-_impls: dict[tuple[str, str], OpImpl] = {}
-
-
-def register_impl(op: str, backend: str, forward: Callable, backward: Callable,
-                  supports: Callable[[dict], Optional[str]] = _always) -> None:
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; ops are {OPS}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS}")
-    _impls[(op, backend)] = OpImpl(op, backend, forward, backward, supports)
+def __getattr__(name: str):
+    if name == "OPS":  # the names of the declared ops (every one is declared once `import fastprompt` has run)
+        return tuple(op.name for op in declared())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading the optional backends. Each loads at most once; the reason of a failure is kept for the
-# error messages and for `fastprompt info`.
+# Loading. A backend loads at most once (triton: the triton package and fastprompt.kernels; cuda: the
+# extension), and each op's implementation on it is found by module name (`implementation`):
+#   reference  fastprompt/reference/<op>.py    triton  kernels/<op>.py (fastprompt.kernels.<op>)
+#   cuda       the raw ops fastprompt._C defines (csrc/bindings.cpp), given their fakes by fastprompt/ops/cuda.py
+# The reasons of failures are kept for the error messages and for `fastprompt info`.
 
 _load_errors: dict[str, Optional[str]] = {"reference": None}
+_missing: dict[tuple[str, str], str] = {}  # (op, backend) -> why the backend has no implementation of the op
 
 
 def _load_triton() -> Optional[str]:
@@ -126,12 +110,7 @@ def _import_kernels() -> None:
 def _load_cuda() -> Optional[str]:
     from . import _extension
 
-    reason = _extension.load()
-    if reason is None:
-        from .ops import cuda_impls
-
-        cuda_impls.register()
-    return reason
+    return _extension.load()
 
 
 def load_error(backend: str) -> Optional[str]:
@@ -139,6 +118,57 @@ def load_error(backend: str) -> Optional[str]:
     if backend not in _load_errors:
         _load_errors[backend] = {"triton": _load_triton, "cuda": _load_cuda}[backend]()
     return _load_errors[backend]
+
+
+def _import_implementation(op: Op, backend: str) -> None:
+    """Import the module that implements `op` on `backend` (a loaded backend); it implements the op on import."""
+    if backend == "cuda":
+        from .ops import cuda
+
+        cuda.implement(op)
+        return
+    try:
+        if backend == "reference":
+            importlib.import_module(f"fastprompt.reference.{op.name}")
+        else:
+            importlib.import_module(f"fastprompt.kernels.{op.name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != _module_of(op, backend):
+            raise
+        raise ImplementationMissing(f"this version of fastprompt has no {backend} implementation of {op.name} "
+                                    f"(no module {exc.name})") from None
+    if op.implementation(backend) is None:
+        raise ImplementationMissing(f"{_module_of(op, backend)} does not implement {op.name}: it must call "
+                                    f"implement() on the declaration (fastprompt/ops/{op.name}.py)")
+
+
+def _module_of(op: Op, backend: str) -> str:
+    return f"fastprompt.{'reference' if backend == 'reference' else 'kernels'}.{op.name}"
+
+
+def implementation(op: Op | str, backend: str) -> Optional[OpImpl]:
+    """`op`'s implementation on `backend`, loading it on first use; None when the backend cannot be loaded
+    here or has none (`unavailable_reason` says why)."""
+    op = find(op)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS}")
+    if load_error(backend) is not None or (op.name, backend) in _missing:
+        return None
+    if op.implementation(backend) is None:
+        try:
+            _import_implementation(op, backend)
+        except ImplementationMissing as exc:
+            _missing[(op.name, backend)] = str(exc)
+            return None
+    return op.implementation(backend)
+
+
+def load_all(backend: str) -> None:
+    """Load `backend`'s implementation of every declared op now. fastprompt.ops does it for the reference, every
+    op's fallback, so that it is there before any call: torch.compile traces the dispatch and cannot import a
+    module while it traces (the other backends load on their first eager call)."""
+    for op in declared():
+        implementation(op, backend)
 
 
 def triton_interpret() -> bool:
@@ -174,14 +204,16 @@ def device_unavailable_reason(backend: str, device: torch.device) -> Optional[st
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def unavailable_reason(op: str, backend: str, device: torch.device, problem: Optional[dict] = None) -> Optional[str]:
+def unavailable_reason(op: Op | str, backend: str, device: torch.device, problem: Optional[dict] = None
+                       ) -> Optional[str]:
     """Why `backend` cannot run `op` on `device` for `problem` (None: it can)."""
+    op = find(op)
     reason = device_unavailable_reason(backend, device)
     if reason is not None:
         return reason
-    impl = _impls.get((op, backend))
+    impl = implementation(op, backend)
     if impl is None:
-        return f"this version of fastprompt has no {backend} implementation of {op}"
+        return _missing[(op.name, backend)]
     if problem is not None:
         return impl.supports(problem)
     return None
@@ -237,27 +269,28 @@ def current_backend() -> str:
     return _env_choice
 
 
-def select(op: str, requested: str, device: torch.device, problem: dict) -> OpImpl:
-    """The implementation that runs `op` for a call that asked for `requested`."""
+def select(op: Op | str, requested: str, device: torch.device, problem: dict) -> OpImpl:
+    """The implementation that runs `op` (its declaration or its name) for a call that asked for `requested`."""
+    op = find(op)
     name = _check_name(requested, "backend")
     if name == AUTO:
         name = current_backend()
     if name != AUTO:
         reason = unavailable_reason(op, name, device, problem)
         if reason is not None:
-            raise BackendUnavailableError(f"fastprompt: backend {name!r} cannot run {op} here: {reason}")
-        return _impls[(op, name)]
+            raise BackendUnavailableError(f"fastprompt: backend {name!r} cannot run {op.name} here: {reason}")
+        return op.implementation(name)
     if device.type == "cuda":
         for candidate in AUTO_ORDER:
             if unavailable_reason(op, candidate, device, problem) is None:
-                return _impls[(op, candidate)]
-    return _impls[(op, "reference")]
+                return op.implementation(candidate)
+    return implementation(op, "reference")
 
 
-def available_backends(op: Optional[str] = None, device: Optional[torch.device | str] = None) -> list[str]:
+def available_backends(op: Optional[Op | str] = None, device: Optional[torch.device | str] = None) -> list[str]:
     """Backends that can run `op` (every op when None) on `device` (default: cuda if present, else cpu)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    ops = OPS if op is None else (op,)
+    ops = declared() if op is None else (find(op),)
     return [b for b in BACKENDS if all(unavailable_reason(o, b, device) is None for o in ops)]

@@ -1,12 +1,7 @@
-"""Triton kernels of fastprompt (installed as `fastprompt.kernels`).
+"""Triton kernels of fastprompt (installed as `fastprompt.kernels`): the `triton` backend.
 
-Importing this package registers the `triton` backend's implementation of each op with
-fastprompt.backends: one module per op holds its kernels, launchers and raw custom ops
-(`fastprompt::<op>_{fwd,bwd}_triton`). Set TRITON_INTERPRET=1 before the import to run them on CPU
-tensors (slow, for tests).
+kernels/<op>.py implements the op declared in fastprompt/ops/<op>.py: its kernels, their launchers, and one call
+that makes the launchers the raw ops fastprompt::<op>_{fwd,bwd}_triton (`implement` of kernels/_common.py).
+fastprompt.backends imports a module the first time its op is asked of the triton backend. Set
+TRITON_INTERPRET=1 before the import to run the kernels on CPU tensors (slow, for tests).
 """
-
-from . import insert  # noqa: F401
-from . import insert_packed  # noqa: F401
-from . import dafe  # noqa: F401
-from . import cmpa  # noqa: F401

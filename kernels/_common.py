@@ -1,13 +1,22 @@
-"""What the Triton kernels and launchers share: block sizes, the fp32 dot precision, the device's size, and the
-LayerNorm of full-row tiles."""
+"""What the Triton kernels and launchers share: how a kernels module implements its op, the fp32 dot precision,
+the device's size, and the LayerNorm of full-row tiles."""
 
 import functools
+from typing import Callable, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from fastprompt.declaration import Op, OpImpl
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def implement(op: Op, forward: Callable, backward: Callable, supports: Callable[[dict], Optional[str]]) -> OpImpl:
+    """Implement `op` on the triton backend: its raw ops fastprompt::<op>_{fwd,bwd}_triton run these launchers,
+    each with its inputs' CUDA device made current (`on_the_inputs_device`)."""
+    return op.implement("triton", on_the_inputs_device(forward), on_the_inputs_device(backward), supports)
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
@@ -48,6 +57,7 @@ def on_the_inputs_device(launcher):
         with torch.cuda.device(device):
             return launcher(*args, **kwargs)
 
+    guarded.runs_on_the_inputs_device = True
     return guarded
 
 

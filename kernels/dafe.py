@@ -1,4 +1,5 @@
-"""DAFE layer fusion in Triton (the math: fastprompt/reference/dafe.py).
+"""DAFE layer fusion in Triton: the triton backend of the op dafe (declared in fastprompt/ops/dafe.py; the math:
+fastprompt/reference/dafe.py).
 
 Rows r = n·M + m of prev (N, M, D); the task row of r is m (shared) or r (per sample).
 
@@ -18,26 +19,64 @@ Backward (dz = dout·(prev − task)·σ(z)σ(−z), summed over D for a token o
   token and scalar: one row-wise kernel.
   Every sum over rows (affine and gate-bias gradients of the row-wise kernels, a shared task's sum over
   N) is written as per-program partials and summed by torch afterwards: deterministic, no atomics.
-
-Configs: GEMM tiles BLOCK_R × 64 output columns × 64-deep K steps, 32 rows once there are 1024 rows or
-more (the text side), else 16; 4 warps. Row-wise kernels take 16 rows × 128-column chunks. First choices
-for Hopper (H100), not yet measured there; Ampere the same, not yet measured.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastprompt import backends
-from fastprompt.ops import fakes
-from fastprompt._alloc import empty
+from fastprompt.ops.dafe import DAFE
+from fastprompt.ops.outputs import empty
 
-from ._common import dot_precision, dtype_reason, ln_backward_rows, next_pow2, on_the_inputs_device
+from ._common import dot_precision, dtype_reason, implement, ln_backward_rows, next_pow2
 
 MAX_WIDTH = 8192
+
+
+# ---- block sizes -----------------------------------------------------------------------------------------------
+# First choices for Hopper (H100), from the compiler's figures (tools/triton_compile_check.py), not yet timed
+# there; Ampere takes the same.
+
+class GemmConfig(NamedTuple):  # the channel gate's GEMM kernels
+    block_r: int  # rows of prev per tile
+    block_n: int  # output columns per tile (and the weight-gradient tiles' rows)
+    block_k: int  # K step
+    num_stages: int
+    num_warps: int
+
+
+class RowwiseConfig(NamedTuple):  # the token and scalar gates, and the channel gate's LayerNorm backward
+    fwd_block_r: int  # rows per program of the forward, which loops over D
+    block_k: int  # its columns per step
+    bwd_block_r: int  # rows per program of the backward, which holds whole rows
+    block_d: int  # lanes of a whole row
+    bwd_warps: int
+
+
+def gemm_config(r: int, dtype: torch.dtype) -> GemmConfig:
+    """16-bit: BLOCK_R 16 (32 from 1024 rows on, the text side), 64 output columns, 64-deep K steps, 3 stages:
+    106 / 178 registers (forward / backward kernel) on sm_90 at width 768, no spills (tensor-core dots). fp32
+    takes twice the shared memory per stage and, with IEEE dots (no tensor cores: one FMA per product, the
+    operands broadcast in registers), far more registers; at width 768, 4 warps:
+      the 16-bit tiles: the backward asks for 230 KB of shared memory (sm_90 has 227 KB)
+      BLOCK_K 32, 2 stages: 255 + 312 B of spills / ptxas gives up at 32 + 5.6 KB of spills
+      BLOCK_N 32, BLOCK_K 16, 3 stages: 128 / 147, no spills (255 in the forward at BLOCK_R 32)
+    hence the last with BLOCK_R 16 for fp32 at any R."""
+    if dtype == torch.float32:
+        return GemmConfig(16, 32, 16, 3, 4)
+    return GemmConfig(32 if r >= 1024 else 16, 64, 64, 3, 4)
+
+
+def rowwise_config(d: int) -> RowwiseConfig:
+    """The forward: 16 rows, steps of up to 128 columns. The backward: whole rows, up to 16 of them and 8192
+    elements a program; it holds several (BLOCK_R, BLOCK_D) tiles live, and at 4 warps and widths from 512 it
+    needed all 255 registers and spilled, so 8 warps share the tile there."""
+    block_d = next_pow2(d)
+    return RowwiseConfig(16, min(128, block_d), max(1, min(16, 8192 // block_d)), block_d,
+                         8 if block_d >= 512 else 4)
 
 
 @triton.jit
@@ -346,72 +385,38 @@ def _rows_strides(t: Tensor, n: int) -> tuple[int, int, int]:
     return (0, *t.stride()) if t.dim() == 2 else tuple(t.stride())
 
 
-def _gemm_config(r: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_N, BLOCK_K, num_stages). fp32 tiles take twice the shared memory per stage and, with
-    IEEE dots (no tensor cores: one FMA per product, the operands broadcast in registers), far more
-    registers. tools/triton_compile_check.py for sm_90 at width 768, 4 warps (registers fwd / bwd kernel):
-      16-bit, BLOCK_R 16|32, BLOCK_N 64, BLOCK_K 64, 3 stages: 106 / 178, no spills (tensor-core dots)
-      fp32, the same tiles: the backward asks for 230 KB of shared memory (sm_90 has 227 KB)
-      fp32, BLOCK_K 32, 2 stages: 255 + 312 B of spills / ptxas gives up at 32 + 5.6 KB of spills
-      fp32, BLOCK_N 32, BLOCK_K 16, 3 stages: 128 / 147, no spills (255 in the forward at BLOCK_R 32)
-    hence the last with BLOCK_R 16 for fp32 at any R. Hopper choices from the compiler's figures; timings
-    on an H100 are still to be taken (benches/gpu_check.sh)."""
-    if dtype == torch.float32:
-        return 16, 32, 16, 3
-    return (32 if r >= 1024 else 16), 64, 64, 3
-
-
-def _rowwise_block(d: int) -> tuple[int, int]:
-    block_d = next_pow2(d)
-    return max(1, min(16, 8192 // block_d)), block_d
-
-
-def _rowwise_bwd_warps(block_d: int) -> int:
-    """The row-wise backward kernels hold several (BLOCK_R, BLOCK_D) tiles live: at 4 warps and widths from 512
-    they needed all 255 registers and spilled (tools/triton_compile_check.py); 8 warps share the tile."""
-    return 8 if block_d >= 512 else 4
-
-
-@torch.library.custom_op("fastprompt::dafe_fwd_triton", mutates_args=())
-@on_the_inputs_device
-def dafe_fwd_triton(prev: Tensor, task: Tensor, params: list[Tensor], gate: str, eps: float
-                    ) -> tuple[Tensor, list[Tensor]]:
+def dafe_fwd(prev: Tensor, task: Tensor, params: list[Tensor], gate: str, eps: float) -> tuple[Tensor, list[Tensor]]:
     n, m, d = prev.shape
     r = n * m
     out = empty(n, m, d, like=prev)
     strides = (*prev.stride(), *_rows_strides(task, n))
     if gate == "scalar":
         (alpha,) = params
-        block_r, block_k = 16, min(128, next_pow2(d))
-        _dafe_fwd_rowwise_kernel[(triton.cdiv(r, block_r),)](
+        rows = rowwise_config(d)
+        _dafe_fwd_rowwise_kernel[(triton.cdiv(r, rows.fwd_block_r),)](
             prev, task, prev, prev, prev, prev, prev, alpha, out, out, out, out, r, m, d, eps, *strides,
-            TOKEN=False, BLOCK_R=block_r, BLOCK_K=block_k)
+            TOKEN=False, BLOCK_R=rows.fwd_block_r, BLOCK_K=rows.block_k)
         return out, []
     ln_w, ln_b, w_prev, b_prev, w_task = params
     k = w_prev.shape[0]
     z = empty(n, m, k, like=prev, dtype=torch.float32)
     mean, rstd = (empty(r, like=prev, dtype=torch.float32) for _ in range(2))
     if gate == "token":
-        block_r, block_k = 16, min(128, next_pow2(d))
-        _dafe_fwd_rowwise_kernel[(triton.cdiv(r, block_r),)](
+        rows = rowwise_config(d)
+        _dafe_fwd_rowwise_kernel[(triton.cdiv(r, rows.fwd_block_r),)](
             prev, task, ln_w, ln_b, w_prev, b_prev, w_task, prev, out, z, mean, rstd, r, m, d, eps, *strides,
-            TOKEN=True, BLOCK_R=block_r, BLOCK_K=block_k)
+            TOKEN=True, BLOCK_R=rows.fwd_block_r, BLOCK_K=rows.block_k)
     else:
-        block_r, block_n, block_k, stages = _gemm_config(r, prev.dtype)
-        _dafe_fwd_channel_kernel[(triton.cdiv(r, block_r), triton.cdiv(d, block_n))](
+        gemm = gemm_config(r, prev.dtype)
+        _dafe_fwd_channel_kernel[(triton.cdiv(r, gemm.block_r), triton.cdiv(d, gemm.block_n))](
             prev, task, ln_w, ln_b, w_prev.contiguous(), b_prev, w_task.contiguous(), out, z, mean, rstd,
-            r, m, d, eps, *strides, PREC=dot_precision(prev.dtype), BLOCK_R=block_r, BLOCK_N=block_n,
-            BLOCK_K=block_k, num_warps=4, num_stages=stages)
+            r, m, d, eps, *strides, PREC=dot_precision(prev.dtype), BLOCK_R=gemm.block_r, BLOCK_N=gemm.block_n,
+            BLOCK_K=gemm.block_k, num_warps=gemm.num_warps, num_stages=gemm.num_stages)
     return out, [z, mean, rstd]
 
 
-dafe_fwd_triton.register_fake(fakes.dafe_fwd)
-
-
-@torch.library.custom_op("fastprompt::dafe_bwd_triton", mutates_args=())
-@on_the_inputs_device
-def dafe_bwd_triton(grad_out: Tensor, prev: Tensor, task: Tensor, params: list[Tensor], saved: list[Tensor],
-                    gate: str, eps: float) -> tuple[Tensor, Tensor, list[Tensor]]:
+def dafe_bwd(grad_out: Tensor, prev: Tensor, task: Tensor, params: list[Tensor], saved: list[Tensor], gate: str,
+             eps: float) -> tuple[Tensor, Tensor, list[Tensor]]:
     n, m, d = prev.shape
     r = n * m
     shared = task.dim() == 2
@@ -422,29 +427,29 @@ def dafe_bwd_triton(grad_out: Tensor, prev: Tensor, task: Tensor, params: list[T
     if gate == "channel":
         ln_w, ln_b, w_prev, b_prev, w_task = params
         z, mean, rstd = saved
-        block_r, block_n, block_k, stages = _gemm_config(r, prev.dtype)
+        gemm = gemm_config(r, prev.dtype)
         dh = empty(n, m, d, like=prev, dtype=torch.float32)
         dw_prev, dw_task = empty(d, d, like=w_prev), empty(d, d, like=w_task)
         db_prev = empty(d, like=b_prev)
-        row_tiles, col_tiles = triton.cdiv(r, block_r), triton.cdiv(d, block_n)
+        row_tiles, col_tiles = triton.cdiv(r, gemm.block_r), triton.cdiv(d, gemm.block_n)
         _dafe_bwd_channel_gemm_kernel[(row_tiles * col_tiles + col_tiles * col_tiles,)](
             grad_out, prev, task, z, mean, rstd, ln_w, ln_b, w_prev.contiguous(), w_task.contiguous(), dh,
             dtask_rows, dw_prev, dw_task, db_prev, r, m, d, row_tiles, col_tiles, *strides,
-            PREC=dot_precision(prev.dtype), BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
-            num_stages=stages)
-        block_rows, block_d = _rowwise_block(d)
-        programs = triton.cdiv(r, block_rows)
+            PREC=dot_precision(prev.dtype), BLOCK_R=gemm.block_r, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k,
+            num_warps=gemm.num_warps, num_stages=gemm.num_stages)
+        rows = rowwise_config(d)
+        programs = triton.cdiv(r, rows.bwd_block_r)
         parts = empty(2, programs, d, like=prev, dtype=torch.float32)
         _dafe_bwd_channel_ln_kernel[(programs,)](
             grad_out, prev, z, mean, rstd, ln_w, dh, dprev, parts[0], parts[1], r, m, d,
-            *prev.stride(), *grad_out.stride(), BLOCK_R=block_rows, BLOCK_D=block_d,
-            num_warps=_rowwise_bwd_warps(block_d))
+            *prev.stride(), *grad_out.stride(), BLOCK_R=rows.bwd_block_r, BLOCK_D=rows.block_d,
+            num_warps=rows.bwd_warps)
         # one sum per gradient: views of one summed tensor would alias each other as op outputs
         grads = [parts[0].sum(0).to(ln_w.dtype), parts[1].sum(0).to(ln_b.dtype), dw_prev, db_prev, dw_task]
     else:
         token = gate == "token"
-        block_rows, block_d = _rowwise_block(d)
-        programs = triton.cdiv(r, block_rows)
+        rows = rowwise_config(d)
+        programs = triton.cdiv(r, rows.bwd_block_r)
         parts = empty(5, programs, d, like=prev, dtype=torch.float32)
         if token:
             ln_w, ln_b, w_prev, b_prev, w_task = params
@@ -454,7 +459,7 @@ def dafe_bwd_triton(grad_out: Tensor, prev: Tensor, task: Tensor, params: list[T
             args = (prev, prev, prev, prev, prev, prev, prev, params[0])
         _dafe_bwd_rowwise_kernel[(programs,)](
             grad_out, prev, task, *args, dprev, dtask_rows, parts, r, m, d, *strides,
-            TOKEN=token, BLOCK_R=block_rows, BLOCK_D=block_d, num_warps=_rowwise_bwd_warps(block_d))
+            TOKEN=token, BLOCK_R=rows.bwd_block_r, BLOCK_D=rows.block_d, num_warps=rows.bwd_warps)
         if token:
             grads = [parts[2].sum(0).to(ln_w.dtype), parts[3].sum(0).to(ln_b.dtype),
                      parts[0].sum(0, keepdim=True).to(w_prev.dtype), parts[4, :, :1].sum(0).to(b_prev.dtype),
@@ -465,9 +470,6 @@ def dafe_bwd_triton(grad_out: Tensor, prev: Tensor, task: Tensor, params: list[T
     return dprev, dtask, grads
 
 
-dafe_bwd_triton.register_fake(fakes.dafe_bwd)
-
-
 def supports(problem: dict) -> Optional[str]:
     reason = dtype_reason(problem)
     if reason is None and problem["d"] > MAX_WIDTH:
@@ -475,4 +477,4 @@ def supports(problem: dict) -> Optional[str]:
     return reason
 
 
-backends.register_impl("dafe", "triton", dafe_fwd_triton, dafe_bwd_triton, supports)
+implement(DAFE, dafe_fwd, dafe_bwd, supports)

@@ -122,10 +122,10 @@ def test_available_backends_lists_what_runs_here():
 
 def test_every_op_has_a_reference_implementation_registered_as_a_custom_op():
     for op in backends.OPS:
-        impl = backends._impls[(op, "reference")]
-        assert impl.forward._qualname == f"fastprompt::{op}_fwd_reference"
-        assert impl.backward._qualname == f"fastprompt::{op}_bwd_reference"
-        assert hasattr(torch.ops.fastprompt, f"{op}_fwd_reference")
+        impl = backends.implementation(op, "reference")
+        assert impl.forward.name() == f"fastprompt::{op}_fwd_reference"
+        assert impl.backward.name() == f"fastprompt::{op}_bwd_reference"
+        assert impl.forward is getattr(torch.ops.fastprompt, f"{op}_fwd_reference").default
 
 
 def test_the_package_works_without_the_extension():
@@ -134,3 +134,15 @@ def test_the_package_works_without_the_extension():
         pytest.skip("the extension is built here")
     assert "fastprompt._C" in reason
     assert backends.unavailable_reason("cmpa", "cuda", torch.device("cpu")) == reason
+
+
+@pytest.mark.slow  # a fresh interpreter and a first torch.compile: 10 to 20 s on 2 cores
+def test_a_compiled_call_needs_no_eager_call_before_it():
+    """The reference implementations load with fastprompt.ops: torch.compile(fullgraph=True) traces the dispatch,
+    which could not import them while tracing."""
+    code = ("import torch, fastprompt\n"
+            "m = fastprompt.DeepAdaptiveFeatureEnhancement(24)\n"
+            "out = torch.compile(m, fullgraph=True)(torch.randn(2, 3, 24), torch.randn(3, 24))\n"
+            "print(tuple(out.shape))\n")
+    run = _python(code)
+    assert run.returncode == 0 and run.stdout.strip() == "(2, 3, 24)", run.stderr[-3000:]

@@ -167,6 +167,28 @@ def test_triton_launch_budget(device, fusing):
         assert fwd_kernels <= 6 and bwd_kernels <= 8, (fwd_kernels, bwd_kernels)
 
 
+def test_triton_workspace_slots_follow_the_layouts():
+    """The Triton stages find each side's workspace slots from its sizes (kernels/cmpa.py `_xbar` ... `_dother`);
+    they must be the slots of fastprompt/ops/cmpa_layout.py (the saved workspace the fakes describe) and of
+    `backward_layout` (the backward's allocation): a probe kernel marks the first element of every slot."""
+    require_backend("cmpa", "triton", "cpu")
+    from fastprompt.kernels import cmpa as triton_cmpa
+    from fastprompt.ops.cmpa_layout import forward_layout
+
+    from .triton_probes import cmpa_workspace_slots
+
+    for m, d, d_other, heads, f in [(1, 24, 40, 3, 96), (7, 40, 24, 5, 160), (16, 768, 512, 12, 3072)]:
+        fwd = forward_layout(m, d, heads, f)
+        bwd = triton_cmpa.backward_layout(m, d, d_other, f)
+        ws, bws = torch.zeros(fwd["_total"][0] + 1), torch.zeros(bwd["_total"][0] + 1)
+        side = triton_cmpa.SideView(d, f, heads, d // heads, (d // heads) ** -0.5, ws, bws)
+        cmpa_workspace_slots[(1,)](side, m)
+        for layout, buffer in ((fwd, ws), (bwd, bws)):
+            names = [name for name in layout if name != "_total"]
+            marks = {int(i): int(buffer[i]) for i in buffer.nonzero().flatten()}
+            assert marks == {layout[name][0]: k + 1 for k, name in enumerate(names)}, (m, d, names, marks)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("widths", [(24, 3, 40, 5), (768, 12, 512, 8)], ids=["small", "vit-b16"])
 @pytest.mark.parametrize("fusing", FUSINGS)
@@ -174,18 +196,18 @@ def test_cuda_one_launch_each_way(widths, fusing):
     """The CUDA C++ CMPA runs both sides in one cooperative launch forward and one backward, counted by the
     extension (which would report the per-stage fallback) and by the profiler."""
     dev = require_backend("cmpa", "cuda", "cuda")
-    from fastprompt.ops import cuda_impls
+    from fastprompt.ops import cuda as cuda_backend
 
     dv, hv, dt, ht = widths
     module = make_module(dv, hv, dt, ht, fusing, backend="cuda").to(dev)
     visual = torch.randn(7, 4, dv, device=dev, requires_grad=True)
     text = torch.randn(7, 6, dt, device=dev, requires_grad=True)
-    before = cuda_impls.launches()
+    before = cuda_backend.launches()
     new_v, new_t = module(visual, text)
-    forward = cuda_impls.launches() - before
-    before = cuda_impls.launches()
+    forward = cuda_backend.launches() - before
+    before = cuda_backend.launches()
     torch.autograd.backward([new_v, new_t], [torch.ones_like(new_v), torch.ones_like(new_t)])
-    backward = cuda_impls.launches() - before
+    backward = cuda_backend.launches() - before
     assert (forward, backward) == (1, 1)
     vp = [p.detach() for p in module.side_params("visual")]
     tp = [p.detach() for p in module.side_params("text")]
@@ -208,7 +230,7 @@ def test_cuda_emulated_launches_each_way(monkeypatch, widths, fusing, cooperativ
     if not CUDA_EMULATED:
         pytest.skip("needs FASTPROMPT_CUDA_EMULATE=1 (on a GPU: test_cuda_one_launch_each_way)")
     require_backend("cmpa", "cuda", "cpu")
-    from fastprompt.ops import cuda_impls
+    from fastprompt.ops import cuda as cuda_backend
 
     monkeypatch.setenv("FASTPROMPT_CUDA_EMULATE_COOPERATIVE", "1" if cooperative else "0")
     dv, hv, dt, ht = widths
@@ -217,7 +239,7 @@ def test_cuda_emulated_launches_each_way(monkeypatch, widths, fusing, cooperativ
     upstream = [torch.randn(7, 4, dv), torch.randn(7, 6, dt)]
 
     def counts():
-        return cuda_impls.launches(), torch.ops.cuda_emulator.kernel_launches()
+        return cuda_backend.launches(), torch.ops.cuda_emulator.kernel_launches()
 
     before = counts()
     with poisoned_outputs():

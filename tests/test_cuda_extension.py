@@ -1,5 +1,5 @@
 """The CUDA C++ extension on a machine without a GPU: it builds and loads, its raw ops are registered with the
-Triton ops' schemas and fakes, the C++ input checks say what is wrong, and CPU tensors get a clear error.
+declared schemas and fakes, the C++ input checks say what is wrong, and CPU tensors get a clear error.
 
 CI builds fastprompt._C (sm_90, `make ext`) before the tests and sets FASTPROMPT_EXPECT_CUDA_EXTENSION=1, so
 there a missing or broken build fails here instead of skipping. Whether the kernels compute the right numbers
@@ -20,11 +20,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastprompt
 from fastprompt import _extension, backends, info
+from fastprompt.declaration import find
 
 from .test_cmpa import make_module
 
-RAW_OPS = ["insert_prompts_fwd", "insert_prompts_bwd", "insert_prompts_packed_fwd", "insert_prompts_packed_bwd",
-           "dafe_fwd", "dafe_bwd", "cmpa_fwd", "cmpa_bwd"]
+RAW_OPS = [f"{op}_{stage}" for op in backends.OPS for stage in ("fwd", "bwd")]
 
 # Under FASTPROMPT_CUDA_EMULATE=1 the process holds the emulator's build of the ops (tests/cuda_emulator/), never
 # fastprompt._C: what this file checks is the real extension's loading, build info and CPU-tensor refusals.
@@ -54,26 +54,30 @@ def test_extension_loads_and_reports_its_build(extension):
 
 
 @pytest.mark.parametrize("raw", RAW_OPS)
-def test_raw_op_has_the_triton_ops_schema(extension, raw):
+def test_raw_op_has_the_declared_schema_as_the_triton_op_does(extension, raw):
+    """The library's schema is the declaration's (tests/test_op_declarations.py checks the same of the source,
+    without a build), argument for argument as the Triton op's, so one autograd Function drives both."""
     pytest.importorskip("triton")
-    backends.load_error("triton")  # registers the Triton ops
+    op, stage = raw.rsplit("_", 1)
+    assert backends.implementation(op, "triton") is not None  # defines the Triton ops
     cuda = getattr(extension, f"{raw}_cuda").default._schema
     triton = getattr(extension, f"{raw}_triton").default._schema
-    assert [(a.name, str(a.type)) for a in cuda.arguments] == [(a.name, str(a.type)) for a in triton.arguments]
-    assert [str(r.type) for r in cuda.returns] == [str(r.type) for r in triton.returns]
+    assert str(cuda) == str(torch._C.parse_schema(find(op).schema(stage, "cuda")))
+    assert [(a.name, str(a.real_type)) for a in cuda.arguments] == [(a.name, str(a.real_type)) for a in triton.arguments]
+    assert [str(r.real_type) for r in cuda.returns] == [str(r.real_type) for r in triton.returns]
 
 
 @pytest.mark.parametrize("op", backends.OPS)
 def test_cuda_backend_is_registered_for_cuda_tensors(extension, op):
-    impl = backends._impls[(op, "cuda")]
-    assert impl.forward is getattr(extension, f"{op}_fwd_cuda")
+    impl = backends.implementation(op, "cuda")
+    assert impl.forward is getattr(extension, f"{op}_fwd_cuda").default
     assert backends.unavailable_reason(op, "cuda", torch.device("cuda")) is None
 
 
 def test_launch_counter_is_exposed(extension):
-    from fastprompt.ops import cuda_impls
+    from fastprompt.ops import cuda as cuda_backend
 
-    assert cuda_impls.launches() >= 0
+    assert cuda_backend.launches() >= 0
 
 
 # ---- fakes: torch.compile traces the cuda ops without running them ------------------------------------------
@@ -340,7 +344,7 @@ def test_jit_build_of_a_source_checkout(tmp_path):
             pass
         print("reason", backends.load_error("cuda"))
         print("schema", torch.ops.fastprompt.cmpa_fwd_cuda.default._schema)
-        print("cuda impl", backends._impls[("cmpa", "cuda")].forward)
+        print("cuda impl", backends.implementation("cmpa", "cuda").forward)
     """)
     env = dict(os.environ, PYTHONPATH=str(checkout), FASTPROMPT_JIT_BUILD="1", TORCH_CUDA_ARCH_LIST="9.0",
                TORCH_EXTENSIONS_DIR=str(tmp_path / "torch_extensions"))

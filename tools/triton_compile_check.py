@@ -119,11 +119,11 @@ def run_ops() -> None:
     from fastprompt import backends
 
     backends.triton_interpret = lambda: True  # let the triton backend take the CPU tensors given to the stub
-    backends._import_kernels()  # installed, or the kernels/ folder of a source checkout (PYTHONPATH=.)
-    kernels = sys.modules["fastprompt.kernels"]
-
-    for module in vars(kernels).values():  # an H100's SMs: the grids the GPU would get
-        if hasattr(module, "sm_count"):
+    for op in backends.OPS:  # every op's kernels module (installed, or kernels/ of a source checkout: PYTHONPATH=.)
+        if backends.implementation(op, "triton") is None:
+            raise RuntimeError(backends.unavailable_reason(op, "triton", torch.device("cpu")))
+    for name, module in list(sys.modules.items()):  # an H100's SMs: the grids the GPU would get
+        if name.startswith("fastprompt.kernels.") and hasattr(module, "sm_count"):
             module.sm_count = lambda device: 132
 
     torch.manual_seed(0)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import insert_prompts
+from ..ops import insert_prompts
 from ..clip import BlockHooks, ClipBackbone
+from .small import SMALL_MODEL_CONFIGS
 
 
 class PromptMethod(nn.Module):
@@ -258,8 +259,6 @@ def _type_name(expected) -> str:
 
 def small_model_hint(method: str) -> str:
     """The end of a depth error: the defaults assume 12 blocks, the small built-in CLIPs have 4 to 6."""
-    from . import SMALL_MODEL_CONFIGS
-
     return (f" (the defaults assume 12 blocks; on the small built-in CLIPs fastprompt-tiny / -small use "
             f"fastprompt.methods.SMALL_MODEL_CONFIGS[{method!r}] = {SMALL_MODEL_CONFIGS.get(method, {})})")
 

@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import insert_prompts
+from ..ops import insert_prompts
 from ..clip import BlockHooks, Slot, clean_classname
 from .base import PromptMethod, normal_init, small_model_hint
 from .templates import check_template

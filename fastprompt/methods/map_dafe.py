@@ -23,7 +23,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from .. import insert_prompts
+from ..ops import insert_prompts
 from ..clip import BlockHooks, Slot, clean_classname
 from ..modules import DeepAdaptiveFeatureEnhancement
 from .base import PromptMethod, append_with_ln, check_depth, normal_init

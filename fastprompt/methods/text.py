@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .. import insert_prompts
+from ..ops import insert_prompts
 from ..clip import (NO_HOOKS, FullTextStream, PackedLayout, PackedTextStream, TextStream, clean_classname,
                     decode_words, encode_packed, make_layout, tokenize_templates, tokenize_words)
 from .base import normal_init

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import insert_prompts
+from ..ops import insert_prompts
 from ..clip import Slot, clean_classname, run_blocks
 from .base import PromptMethod
 from .templates import DEFAULT_TEMPLATE, check_template

@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.cmpa import cross_modal_prompt_attention
-from ..reference.cmpa import FUSINGS, CMPASideParams
+from ..ops import cross_modal_prompt_attention
+from ..ops.cmpa import FUSINGS, CMPASideParams
 
 
 # The keys of the design_details dict the public DCP code passes down its model (trainers/cmpa.py), all

@@ -3,8 +3,8 @@
 import torch
 from torch import Tensor, nn
 
-from ..ops.dafe import dafe_fusion
-from ..reference.dafe import GATES
+from ..ops import dafe_fusion
+from ..ops.dafe import GATES
 
 
 class DeepAdaptiveFeatureEnhancement(nn.Module):

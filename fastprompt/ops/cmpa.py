@@ -1,121 +1,132 @@
-"""Cross-modal prompt attention: input checks, the autograd Function over the backends' raw ops, and
-the functional form. The math is in fastprompt/reference/cmpa.py."""
+"""Cross-modal prompt attention (`cmpa`), declared: the raw ops' schemas and fakes, the problem the backends
+read, and the checks every input passes before any backend runs. The math is fastprompt/reference/cmpa.py;
+the functional form and the module are fastprompt/modules/cmpa.py."""
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import _validation as v
-from ..backends import _impls, select
-from ..reference.cmpa import FUSINGS, N_SIDE_PARAMS, CMPASideParams
+from .cmpa_layout import forward_size
+from ..declaration import Op
 
-OP = "cross_modal_prompt_attention"
+FUSINGS = ("mean", "first", "max")
 
 
-class CrossModalPromptAttentionFunction(torch.autograd.Function):
-    """Both sides of CMPA through one backend's `fastprompt::cmpa_{fwd,bwd}_<backend>` pair.
+class CMPASideParams(NamedTuple):
+    """The parameters of one side of CMPA, in the order the raw ops take them.
 
-    Returns the new visual and text prompts broadcast back over B and C as stride-0 `expand` views,
-    as the original module does (the text output is None without compute_text); the backward receives the
-    gradients at that broadcast shape.
+    Visual side: `proj` is proj_t2v (Linear Dt → Dv), the rest are the *_visual layers.
+    Text side: `proj` is proj_v2t (Linear Dv → Dt), the rest are the *_text layers.
     """
 
-    @staticmethod
-    def forward(ctx, visual: Tensor, text: Tensor, backend: str, n_head_visual: int, n_head_text: int,
-                fusing: str, eps: float, compute_text: bool, *params: Tensor):
-        impl = _impls[("cmpa", backend)]
-        vp, tp = list(params[:N_SIDE_PARAMS]), list(params[N_SIDE_PARAMS:])
-        out_v, out_t, saved = impl.forward(visual, text, vp, tp, n_head_visual, n_head_text, fusing, eps,
-                                           compute_text)
-        ctx.save_for_backward(visual, text, *params, *saved)
-        ctx.config = (backend, n_head_visual, n_head_text, fusing, eps, compute_text)
-        ctx.set_materialize_grads(False)
-        m, b, _ = visual.shape
-        c = text.shape[1]
-        new_v = out_v.unsqueeze(1).expand(m, b, -1)
-        return new_v, (out_t.unsqueeze(1).expand(m, c, -1) if compute_text else None)
+    proj_weight: Tensor      # (D, D_other)
+    proj_bias: Tensor        # (D,)
+    ln1_weight: Tensor       # (D,)   ln_pa_1
+    ln1_bias: Tensor         # (D,)
+    in_proj_weight: Tensor   # (3D, D) rows: query, key, value
+    in_proj_bias: Tensor     # (3D,)
+    out_proj_weight: Tensor  # (D, D)
+    out_proj_bias: Tensor    # (D,)
+    ln2_weight: Tensor       # (D,)   ln_pa_2
+    ln2_bias: Tensor         # (D,)
+    fc_weight: Tensor        # (F, D) mlp c_fc, F = 4D in CLIP
+    fc_bias: Tensor          # (F,)
+    cproj_weight: Tensor     # (D, F) mlp c_proj
+    cproj_bias: Tensor       # (D,)
 
-    @staticmethod
-    def backward(ctx, grad_visual: Optional[Tensor], grad_text: Optional[Tensor]):
-        backend, n_head_visual, n_head_text, fusing, eps, compute_text = ctx.config
-        n_config = 6
-        if grad_visual is None and grad_text is None:
-            return (None,) * (2 + n_config + 2 * N_SIDE_PARAMS)
-        visual, text, *rest = ctx.saved_tensors
-        vp, tp, saved = rest[:N_SIDE_PARAMS], rest[N_SIDE_PARAMS:2 * N_SIDE_PARAMS], rest[2 * N_SIDE_PARAMS:]
-        impl = _impls[("cmpa", backend)]
-        dvisual, dtext, dvp, dtp = impl.backward(grad_visual, grad_text, visual, text, vp, tp, saved,
-                                                 n_head_visual, n_head_text, fusing, eps, compute_text)
-        dtp = tuple(dtp) if compute_text else (None,) * N_SIDE_PARAMS
-        return (dvisual, dtext) + (None,) * n_config + tuple(dvp) + dtp
+
+N_SIDE_PARAMS = len(CMPASideParams._fields)
+
+
+def _forward_fake(visual, text, visual_params, text_params, n_head_visual, n_head_text, fusing, eps, compute_text):
+    """The kernel backends' forward: the new rows of each side, and what they save, each side's fp32 workspace
+    (fastprompt/ops/cmpa_layout.py) and the int32 argmax of `max` pooling."""
+    m, _, dv = visual.shape
+    dt = text.shape[2]
+    lv = forward_size(m, dv, n_head_visual, visual_params[10].shape[0])
+    lt = forward_size(m, dt, n_head_text, text_params[10].shape[0], compute_text)
+    is_max = fusing == "max"
+    return (visual.new_empty(m, dv), text.new_empty((m, dt) if compute_text else (0,)),
+            [visual.new_empty(lv, dtype=torch.float32), text.new_empty(lt, dtype=torch.float32),
+             visual.new_empty((m, dv) if is_max else (0,), dtype=torch.int32),
+             text.new_empty((m, dt) if is_max else (0,), dtype=torch.int32)])
+
+
+def _backward_fake(grad_visual_out, grad_text_out, visual, text, visual_params, text_params, saved, n_head_visual,
+                   n_head_text, fusing, eps, compute_text):
+    """Gradients shaped like the inputs; without compute_text the text parameters get empty ones."""
+    return (torch.empty_like(visual, memory_format=torch.contiguous_format),
+            torch.empty_like(text, memory_format=torch.contiguous_format),
+            [torch.empty_like(p) for p in visual_params],
+            [torch.empty_like(p) if compute_text else p.new_empty(0) for p in text_params])
+
+
+CMPA = Op(
+    "cmpa",
+    # new rows (M, Dv) and (M, Dt) (the text ones empty without compute_text), and what the backward needs
+    forward="(Tensor visual, Tensor text, Tensor[] visual_params, Tensor[] text_params, SymInt n_head_visual, "
+            "SymInt n_head_text, str fusing, float eps, bool compute_text) -> (Tensor, Tensor, Tensor[])",
+    # the upstream gradients at the broadcast shapes (M, B, Dv) and (M, C, Dt); returns dvisual, dtext and the
+    # gradients of each side's 14 parameters
+    backward="(Tensor? grad_visual_out, Tensor? grad_text_out, Tensor visual, Tensor text, Tensor[] visual_params, "
+             "Tensor[] text_params, Tensor[] saved, SymInt n_head_visual, SymInt n_head_text, str fusing, float eps, "
+             "bool compute_text) -> (Tensor, Tensor, Tensor[], Tensor[])",
+    forward_fake=_forward_fake,
+    backward_fake=_backward_fake,
+    # m prompts, b images, c classes, widths dv / dt, the MLP widths, the heads, the pooling, compute_text
+    problem=("dtype", "m", "b", "c", "dv", "dt", "n_head_visual", "n_head_text", "fusing", "mlp_visual", "mlp_text",
+             "compute_text"),
+)
 
 
 def _check_side_params(side: str, p: CMPASideParams, d: int, d_other: int, n_head: int) -> None:
     names = [(f"{side}_params.{f}", t) for f, t in zip(CMPASideParams._fields, p)]
     for name, t in names:
-        v.check_tensor(OP, name, t)
+        v.check_tensor(CMPA.name, name, t)
     hidden = p.fc_weight.shape[0] if p.fc_weight.dim() == 2 else -1
     other = "text" if side == "visual" else "visual"
     expected = CMPASideParams(
         (d, d_other), (d,), (d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (hidden, d), (hidden,),
         (d, hidden), (d,))
     for (name, t), shape in zip(names, expected):
-        v.check_shape(OP, name, t, shape, why=f"{side} has width {d} and {other} width {d_other}; MLP width {hidden}")
+        v.check_shape(CMPA.name, name, t, shape,
+                      why=f"{side} has width {d} and {other} width {d_other}; MLP width {hidden}")
     if hidden < 1:
-        raise ValueError(f"{OP}: {side}_params.fc_weight has no rows")
+        raise ValueError(f"{CMPA.name}: {side}_params.fc_weight has no rows")
     if n_head < 1 or d % n_head:
-        raise ValueError(f"{OP}: the {side} width {d} is not divisible by n_head_{side}={n_head}")
+        raise ValueError(f"{CMPA.name}: the {side} width {d} is not divisible by n_head_{side}={n_head}")
 
 
-def cross_modal_prompt_attention(visual: Tensor, text: Tensor, visual_params: Sequence[Tensor],
-                                 text_params: Sequence[Tensor], *, n_head_visual: int, n_head_text: int,
-                                 fusing: str = "mean", eps: float = 1e-5, backend: str = "auto",
-                                 compute_text: bool = True) -> tuple[Tensor, Optional[Tensor]]:
-    """Cross-modal prompt attention of DCP (both sides), in the LND layout of the original module.
-
-    Args:
-        visual: visual prompts (M, B, Dv). Any strides.
-        text: text prompts (M, C, Dt); the same M as `visual`.
-        visual_params: the 14 visual-side parameters, a `CMPASideParams` or a sequence in its order
-            (proj_t2v, ln_pa_1_visual, promt_attention_visual, ln_pa_2_visual, mlp_pa_visual).
-        text_params: the 14 text-side parameters (proj_v2t, the *_text layers).
-        n_head_visual, n_head_text: attention heads of each side.
-        fusing: pooling over B and C: "mean", "first" or "max".
-        eps: LayerNorm epsilon.
-        backend: "auto", "reference", "triton" or "cuda" (see fastprompt.backends).
-        compute_text: False computes the visual side only (the text input still feeds the visual query and
-            gets its gradient through it); new_text is then None and the text parameters get no gradient.
-
-    Returns:
-        (new_visual (M, B, Dv), new_text (M, C, Dt)): stride-0 broadcasts of one (M, D) result per side.
-    """
-    v.check_tensor(OP, "visual", visual, 3, "(M, B, Dv) in LND layout")
-    v.check_tensor(OP, "text", text, 3, "(M, C, Dt) in LND layout")
+def check_inputs(visual: Tensor, text: Tensor, visual_params: Sequence[Tensor], text_params: Sequence[Tensor],
+                 n_head_visual: int, n_head_text: int, fusing: str, compute_text: bool
+                 ) -> tuple[list[Tensor], torch.device, dict]:
+    """Checks everything the raw ops assume; returns the tensors (visual, text, the 14 visual then the 14 text
+    parameters, cast to the autocast dtype under autocast), their device and the problem description."""
+    v.check_tensor(CMPA.name, "visual", visual, 3, "(M, B, Dv) in LND layout")
+    v.check_tensor(CMPA.name, "text", text, 3, "(M, C, Dt) in LND layout")
     if len(visual_params) != N_SIDE_PARAMS or len(text_params) != N_SIDE_PARAMS:
-        raise ValueError(f"{OP}: visual_params and text_params take {N_SIDE_PARAMS} tensors each "
+        raise ValueError(f"{CMPA.name}: visual_params and text_params take {N_SIDE_PARAMS} tensors each "
                          f"({', '.join(CMPASideParams._fields)}), got {len(visual_params)} and {len(text_params)}")
     if fusing not in FUSINGS:
-        raise ValueError(f"{OP}: fusing must be one of {FUSINGS}, got {fusing!r}")
+        raise ValueError(f"{CMPA.name}: fusing must be one of {FUSINGS}, got {fusing!r}")
     vp, tp = CMPASideParams(*visual_params), CMPASideParams(*text_params)
     m, _, dv = visual.shape
     dt = text.shape[2]
     if text.shape[0] != m:
-        raise ValueError(f"{OP}: visual and text must have the same number of prompts M (dim 0): the query "
+        raise ValueError(f"{CMPA.name}: visual and text must have the same number of prompts M (dim 0): the query "
                          f"length of one side is the key length of the other; got {m} and {text.shape[0]}")
-    v.check_nonempty(OP, [("visual", visual), ("text", text)])
+    v.check_nonempty(CMPA.name, [("visual", visual), ("text", text)])
     _check_side_params("visual", vp, dv, dt, n_head_visual)
     _check_side_params("text", tp, dt, dv, n_head_text)
-    tensors = [visual, text, *vp, *tp]
     named = [("visual", visual), ("text", text)] + [(f"visual_params.{f}", t) for f, t in zip(vp._fields, vp)] \
         + [(f"text_params.{f}", t) for f, t in zip(tp._fields, tp)]
-    device = v.check_same_device(OP, named)
-    tensors = v.cast_floating(tensors, v.autocast_dtype(device))
-    named = [(name, t) for (name, _), t in zip(named, tensors)]
-    dtype = v.check_dtypes(OP, named)
-    problem = dict(dtype=dtype, m=m, b=visual.shape[1], c=text.shape[1], dv=dv, dt=dt,
-                   n_head_visual=n_head_visual, n_head_text=n_head_text, fusing=fusing,
-                   mlp_visual=vp.fc_weight.shape[0], mlp_text=tp.fc_weight.shape[0], compute_text=compute_text)
-    impl = select("cmpa", backend, device, problem)
-    return CrossModalPromptAttentionFunction.apply(tensors[0], tensors[1], impl.backend, n_head_visual, n_head_text,
-                                                   fusing, eps, bool(compute_text), *tensors[2:])
+    device = v.check_same_device(CMPA.name, named)
+    tensors = v.cast_floating([t for _, t in named], v.autocast_dtype(device))
+    dtype = v.check_dtypes(CMPA.name, [(name, t) for (name, _), t in zip(named, tensors)])
+    problem = CMPA.problem_of(dtype=dtype, m=m, b=visual.shape[1], c=text.shape[1], dv=dv, dt=dt,
+                              n_head_visual=n_head_visual, n_head_text=n_head_text, fusing=fusing,
+                              mlp_visual=vp.fc_weight.shape[0], mlp_text=tp.fc_weight.shape[0],
+                              compute_text=bool(compute_text))
+    return tensors, device, problem

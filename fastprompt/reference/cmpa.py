@@ -8,47 +8,21 @@ Math (DESIGN.md, op 1). V visual (M, B, Dv), T text (M, C, Dt); the text side mi
   5. T'' likewise, with proj_v2t(V̄) as the query source: the pooled input V̄, not V''
   6. V'' and T'' are broadcast back over B and C by the caller (stride-0 views)
 
-The raw ops compute in fp32 for fp16 / bf16 / fp32 inputs (fp64 for fp64) and round the results to the
-input dtype. `cmpa_fwd_reference` returns V'' and T'' as (M, D) rows plus what the backward needs;
-`cmpa_bwd_reference` takes the upstream gradients at the broadcast shape (M, B, Dv) and (M, C, Dt),
-reduces them over B and C, and returns the input and parameter gradients.
+The raw ops (declared in fastprompt/ops/cmpa.py) compute in fp32 for fp16 / bf16 / fp32 inputs (fp64 for
+fp64) and round the results to the input dtype. The forward returns V'' and T'' as (M, D) rows plus what the
+backward needs (the pooled rows and the argmax of `max`: the backward recomputes the rest); the backward takes
+the upstream gradients at the broadcast shape (M, B, Dv) and (M, C, Dt), reduces them over B and C, and
+returns the input and parameter gradients.
 """
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..ops.cmpa import CMPA, CMPASideParams
 from ._math import (attention_bwd, attention_fwd, compute_dtype, layer_norm_bwd, layer_norm_fwd, linear,
                     linear_bwd, no_autocast, quick_gelu, quick_gelu_bwd)
-
-FUSINGS = ("mean", "first", "max")
-
-
-class CMPASideParams(NamedTuple):
-    """The parameters of one side of CMPA, in the order the raw ops take them.
-
-    Visual side: `proj` is proj_t2v (Linear Dt → Dv), the rest are the *_visual layers.
-    Text side: `proj` is proj_v2t (Linear Dv → Dt), the rest are the *_text layers.
-    """
-
-    proj_weight: Tensor      # (D, D_other)
-    proj_bias: Tensor        # (D,)
-    ln1_weight: Tensor       # (D,)   ln_pa_1
-    ln1_bias: Tensor         # (D,)
-    in_proj_weight: Tensor   # (3D, D) rows: query, key, value
-    in_proj_bias: Tensor     # (3D,)
-    out_proj_weight: Tensor  # (D, D)
-    out_proj_bias: Tensor    # (D,)
-    ln2_weight: Tensor       # (D,)   ln_pa_2
-    ln2_bias: Tensor         # (D,)
-    fc_weight: Tensor        # (F, D) mlp c_fc, F = 4D in CLIP
-    fc_bias: Tensor          # (F,)
-    cproj_weight: Tensor     # (D, F) mlp c_proj
-    cproj_bias: Tensor       # (D,)
-
-
-N_SIDE_PARAMS = len(CMPASideParams._fields)
 
 
 # ---- pooling over the batch (visual) or class (text) dimension ---------------------------------
@@ -135,10 +109,9 @@ def _upcast(params: list[Tensor], cd: torch.dtype) -> CMPASideParams:
     return CMPASideParams(*(t.to(cd) for t in params))
 
 
-@torch.library.custom_op("fastprompt::cmpa_fwd_reference", mutates_args=())
-def cmpa_fwd_reference(visual: Tensor, text: Tensor, visual_params: list[Tensor], text_params: list[Tensor],
-                       n_head_visual: int, n_head_text: int, fusing: str, eps: float, compute_text: bool
-                       ) -> tuple[Tensor, Tensor, list[Tensor]]:
+def cmpa_fwd(visual: Tensor, text: Tensor, visual_params: list[Tensor], text_params: list[Tensor],
+             n_head_visual: int, n_head_text: int, fusing: str, eps: float, compute_text: bool
+             ) -> tuple[Tensor, Tensor, list[Tensor]]:
     with no_autocast(visual.device):
         cd = compute_dtype(visual.dtype)
         vbar, vidx = pool(visual, fusing, cd)
@@ -151,8 +124,8 @@ def cmpa_fwd_reference(visual: Tensor, text: Tensor, visual_params: list[Tensor]
     return out_v.to(visual.dtype), out_t, [vbar, tbar, vidx, tidx]
 
 
-@cmpa_fwd_reference.register_fake
-def _(visual, text, visual_params, text_params, n_head_visual, n_head_text, fusing, eps, compute_text):
+def cmpa_fwd_fake(visual, text, visual_params, text_params, n_head_visual, n_head_text, fusing, eps, compute_text):
+    """This forward saves the pooled rows in the compute dtype and the int64 argmax (not the kernels' workspace)."""
     m, _, dv = visual.shape
     dt = text.shape[2]
     cd = compute_dtype(visual.dtype)
@@ -162,11 +135,10 @@ def _(visual, text, visual_params, text_params, n_head_visual, n_head_text, fusi
             [visual.new_empty((m, dv), dtype=cd), text.new_empty((m, dt), dtype=cd), idx_v, idx_t])
 
 
-@torch.library.custom_op("fastprompt::cmpa_bwd_reference", mutates_args=())
-def cmpa_bwd_reference(grad_visual_out: Optional[Tensor], grad_text_out: Optional[Tensor], visual: Tensor,
-                       text: Tensor, visual_params: list[Tensor], text_params: list[Tensor], saved: list[Tensor],
-                       n_head_visual: int, n_head_text: int, fusing: str, eps: float, compute_text: bool
-                       ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+def cmpa_bwd(grad_visual_out: Optional[Tensor], grad_text_out: Optional[Tensor], visual: Tensor, text: Tensor,
+             visual_params: list[Tensor], text_params: list[Tensor], saved: list[Tensor], n_head_visual: int,
+             n_head_text: int, fusing: str, eps: float, compute_text: bool
+             ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
     """Without compute_text the text parameters get empty gradients (they took no part)."""
     with no_autocast(visual.device):
         vbar, tbar, vidx, tidx = saved
@@ -189,13 +161,7 @@ def cmpa_bwd_reference(grad_visual_out: Optional[Tensor], grad_text_out: Optiona
             [g.to(p.dtype) for g, p in zip(grads_t, text_params)])
 
 
-@cmpa_bwd_reference.register_fake
-def cmpa_bwd_fake(grad_visual_out, grad_text_out, visual, text, visual_params, text_params, saved, n_head_visual,
-                  n_head_text, fusing, eps, compute_text):
-    return (torch.empty_like(visual, memory_format=torch.contiguous_format),
-            torch.empty_like(text, memory_format=torch.contiguous_format),
-            [torch.empty_like(p) for p in visual_params],
-            [torch.empty_like(p) if compute_text else p.new_empty(0) for p in text_params])
+CMPA.implement("reference", cmpa_fwd, cmpa_bwd, forward_fake=cmpa_fwd_fake)
 
 
 def cmpa_eager(visual: Tensor, text: Tensor, visual_params, text_params, n_head_visual: int, n_head_text: int,

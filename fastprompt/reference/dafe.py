@@ -11,18 +11,14 @@
     gate = σ(α)                                 (no LayerNorm, one learnable scalar)
   out = gate·prev + (1 − gate)·task            (1 − gate computed as σ(−z), see dafe_forward)
 
-Parameter lists, in the order the raw ops take and return them:
-  channel / token: [ln_weight (D), ln_bias (D), gate_prev_weight W_g (k, D), gate_prev_bias b_g (k),
-                    gate_task_weight U_g (k, D)]
-  scalar:          [alpha ()]
+The raw ops are declared in fastprompt/ops/dafe.py (with the order of the parameter lists they take).
 """
 
 import torch
 from torch import Tensor
 
+from ..ops.dafe import DAFE
 from ._math import compute_dtype, layer_norm_bwd, layer_norm_fwd, linear, linear_bwd, no_autocast
-
-GATES = ("channel", "token", "scalar")
 
 
 def dafe_forward(prev: Tensor, task: Tensor, params: list[Tensor], gate: str, eps: float):
@@ -77,23 +73,20 @@ def dafe_backward(dout: Tensor, prev: Tensor, task: Tensor, params: list[Tensor]
     return dprev, dtask, grads
 
 
-@torch.library.custom_op("fastprompt::dafe_fwd_reference", mutates_args=())
-def dafe_fwd_reference(prev: Tensor, task: Tensor, params: list[Tensor], gate: str, eps: float
-                       ) -> tuple[Tensor, list[Tensor]]:
+def dafe_fwd(prev: Tensor, task: Tensor, params: list[Tensor], gate: str, eps: float) -> tuple[Tensor, list[Tensor]]:
     with no_autocast(prev.device):
         cd = compute_dtype(prev.dtype)
         out, _, _ = dafe_forward(prev.to(cd), task.to(cd), [p.to(cd) for p in params], gate, eps)
     return out.to(prev.dtype), []
 
 
-@dafe_fwd_reference.register_fake
-def _(prev, task, params, gate, eps):
+def dafe_fwd_fake(prev, task, params, gate, eps):
+    """This forward saves nothing (the backward recomputes the gate)."""
     return torch.empty_like(prev, memory_format=torch.contiguous_format), []
 
 
-@torch.library.custom_op("fastprompt::dafe_bwd_reference", mutates_args=())
-def dafe_bwd_reference(grad_out: Tensor, prev: Tensor, task: Tensor, params: list[Tensor], saved: list[Tensor],
-                       gate: str, eps: float) -> tuple[Tensor, Tensor, list[Tensor]]:
+def dafe_bwd(grad_out: Tensor, prev: Tensor, task: Tensor, params: list[Tensor], saved: list[Tensor], gate: str,
+             eps: float) -> tuple[Tensor, Tensor, list[Tensor]]:
     with no_autocast(prev.device):
         cd = compute_dtype(prev.dtype)
         dprev, dtask, grads = dafe_backward(grad_out.to(cd), prev.to(cd), task.to(cd), [p.to(cd) for p in params],
@@ -101,12 +94,7 @@ def dafe_bwd_reference(grad_out: Tensor, prev: Tensor, task: Tensor, params: lis
     return dprev.to(prev.dtype), dtask.to(task.dtype), [g.to(p.dtype) for g, p in zip(grads, params)]
 
 
-@dafe_bwd_reference.register_fake
-def dafe_bwd_fake(grad_out, prev, task, params, saved, gate, eps):
-    return (torch.empty_like(prev, memory_format=torch.contiguous_format),
-            torch.empty_like(task, memory_format=torch.contiguous_format),
-            [torch.empty_like(p) for p in params])
-
+DAFE.implement("reference", dafe_fwd, dafe_bwd, forward_fake=dafe_fwd_fake)
 
 
 def dafe_eager(prev: Tensor, task: Tensor, params: list[Tensor], gate: str, eps: float = 1e-5) -> Tensor:

@@ -10,13 +10,9 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 RUNS_DIR = "runs"
-SCHEDULES = ("cosine", "dassl_cosine")
-AUGMENTATIONS = ("random_resized_crop", "random_flip", "normalize")  # Dassl's INPUT.TRANSFORMS names
 
-
-class ConfigError(ValueError):
-    """A run that cannot be done as asked (an unknown method or option, a resume with other settings, a folder
-    that is not a run); the message says what and how to fix it. `fastprompt` prints it as one line."""
+from .errors import ConfigError  # noqa: F401  (re-exported: the harness's errors are raised from here too)
+from .validate import AUGMENTATIONS, SCHEDULES, check_config
 
 
 @dataclass
@@ -82,8 +78,6 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Every setting checked (train/validate.py's table); ConfigError / DataError naming each problem, else
         the config itself. The Trainer calls it before anything is built."""
-        from .validate import check_config
-
         return check_config(self)
 
     def to_json(self) -> str:

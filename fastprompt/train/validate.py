@@ -15,7 +15,10 @@ import math
 import os
 from typing import Callable, Iterable, Optional
 
-from .config import ConfigError, TrainConfig
+from .errors import ConfigError
+
+SCHEDULES = ("cosine", "dassl_cosine")
+AUGMENTATIONS = ("random_resized_crop", "random_flip", "normalize")  # Dassl's INPUT.TRANSFORMS names
 
 # the command-line flag of a TrainConfig field, where it is not --field-with-dashes
 FLAGS = {"method_config": "--opt", "num_workers": "--workers", "resume": "--no-resume", "progress": "--no-progress"}
@@ -75,18 +78,6 @@ def _methods() -> tuple:
     return tuple(methods.method_names())  # the methods and the baselines (zeroshot)
 
 
-def _schedules() -> tuple:
-    from .config import SCHEDULES
-
-    return SCHEDULES
-
-
-def _augmentations() -> tuple:
-    from .config import AUGMENTATIONS
-
-    return AUGMENTATIONS
-
-
 def _unknown_method(value) -> str:
     return f"unknown method {value!r}; methods are " + ", ".join(_methods())
 
@@ -119,10 +110,10 @@ FIELD_CHECKS = [
     ("warmup_epochs", lambda v: at_least(0)(v) or (isinstance(v, list) and len(v) > 0 and all(map(at_least(0), v))),
      "a number of warm-up epochs, at least 0 (or one per parameter group)"),
     ("warmup_lr", non_negative_number, "a finite warm-up learning rate, at least 0"),
-    ("schedule", lambda v: v in _schedules(), lambda v: f"--schedule takes {', '.join(_schedules())}, got {v!r}"),
+    ("schedule", lambda v: v in SCHEDULES, lambda v: f"--schedule takes {', '.join(SCHEDULES)}, got {v!r}"),
     ("image_size", optional(at_least(1)), "an image size in pixels, at least 1"),
-    ("augmentation", lambda v: isinstance(v, list) and all(a in _augmentations() for a in v),
-     lambda v: f"--augmentation takes names among {', '.join(_augmentations())}, got {v!r}"),
+    ("augmentation", lambda v: isinstance(v, list) and all(a in AUGMENTATIONS for a in v),
+     lambda v: f"--augmentation takes names among {', '.join(AUGMENTATIONS)}, got {v!r}"),
     ("max_steps", optional(at_least(1)), "a number of steps, at least 1"),
     ("backend", lambda v: v in _backends(), "auto, reference, triton or cuda"),
     ("precision", one_of(PRECISIONS), ", ".join(PRECISIONS)),

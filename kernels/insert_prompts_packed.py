@@ -1,11 +1,13 @@
-"""Packed prompt insertion fused with LayerNorm, in Triton (the math: fastprompt/reference/insert.py).
+"""Packed prompt insertion fused with LayerNorm, in Triton: the triton backend of the op insert_prompts_packed
+(declared in fastprompt/ops/insert_prompts_packed.py; the math: fastprompt/reference/insert_prompts_packed.py).
 
 x (T, D) holds N sequences back to back, sequence n in rows [cu[n], cu[n+1]); rows cu[n] + s_n + [0, M) are
 replaced by the prompts (mode "replace": every row of y comes from the same row of x or from a prompt).
 
 Each program finds the sequence of each of its rows by a binary search over cu_seqlens (ceil(log2 N) loads of
 an (N+1)-entry array that stays in cache), so no per-row map is built beforehand: no extra launch, no host
-sync, nothing but cu_seqlens read besides x and the prompts. The rest mirrors kernels/insert.py:
+sync, nothing but cu_seqlens read besides x and the prompts. The rest mirrors kernels/insert_prompts.py, whose
+block sizes (`config`) these kernels take:
 
 Forward, one kernel: BLOCK_R packed rows a program, each read once from x or from its prompt row, written
 to y, and its LayerNorm to y_ln; mean and 1/std kept for the backward.
@@ -13,9 +15,6 @@ to y, and its LayerNorm to y_ln; mean and 1/std kept for the backward.
 Backward, one kernel plus torch's sums of the per-program partials: programs walk tiles of rows, rebuild y,
 form dy_total = dy + LN_bwd(dy_ln) and route it to dx (zero on the replaced rows) and to the prompt row it
 came from, (N, M, D) (summed over N afterwards when the prompts are shared). No atomics.
-
-Configs: those of kernels/insert.py (a row of D elements is BLOCK_D = next_pow2(D) lanes, ~4096 elements a
-tile, 4 programs per SM in the backward); first choices for Hopper, not yet measured.
 """
 
 from typing import Optional
@@ -25,12 +24,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastprompt import backends
-from fastprompt._alloc import empty
-from fastprompt.ops import fakes
+from fastprompt.ops.insert_prompts_packed import INSERT_PROMPTS_PACKED
+from fastprompt.ops.outputs import empty
 
-from ._common import ln_backward_rows, on_the_inputs_device, sm_count, store_rows_and_layer_norm
-from .insert import _config, supports
+from ._common import implement, ln_backward_rows, sm_count, store_rows_and_layer_norm
+from .insert_prompts import config, supports
 
 
 @triton.jit
@@ -140,11 +138,9 @@ def _prompt_strides(prompts: Tensor) -> tuple[int, int, int]:
     return (0, *prompts.stride()) if prompts.dim() == 2 else prompts.stride()
 
 
-@torch.library.custom_op("fastprompt::insert_prompts_packed_fwd_triton", mutates_args=())
-@on_the_inputs_device
-def insert_prompts_packed_fwd_triton(x: Tensor, prompts: Tensor, cu_seqlens: Tensor, start: int,
-                                     starts: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
-                                     eps: float) -> tuple[Tensor, Tensor, list[Tensor]]:
+def insert_prompts_packed_fwd(x: Tensor, prompts: Tensor, cu_seqlens: Tensor, start: int, starts: Optional[Tensor],
+                              ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float
+                              ) -> tuple[Tensor, Tensor, list[Tensor]]:
     total, d = x.shape
     n, m = cu_seqlens.shape[0] - 1, prompts.shape[-2]
     has_ln = ln_weight is not None or ln_bias is not None
@@ -154,33 +150,28 @@ def insert_prompts_packed_fwd_triton(x: Tensor, prompts: Tensor, cu_seqlens: Ten
         mean, rstd = (empty(total, like=x, dtype=torch.float32) for _ in range(2))
     else:  # the kernel writes none of them; y stands in as their (unused) pointer
         y_ln, mean, rstd = x.new_empty(0), y, y
-    block_r, block_d, warps = _config(d)
-    _packed_fwd_kernel[(triton.cdiv(total, block_r),)](
+    cfg = config(d)
+    _packed_fwd_kernel[(triton.cdiv(total, cfg.block_r),)](
         x, prompts, cu_seqlens, starts if starts is not None else cu_seqlens,
         ln_weight if ln_weight is not None else x, ln_bias if ln_bias is not None else x,
         y, y_ln if has_ln else y, mean, rstd, start, total, n, m, d, _search_steps(n), eps,
         *x.stride(), *_prompt_strides(prompts),
         HAS_STARTS=starts is not None, HAS_LN=has_ln, HAS_W=ln_weight is not None, HAS_B=ln_bias is not None,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+        BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps)
     return y, y_ln, ([mean, rstd] if has_ln else [])
 
 
-insert_prompts_packed_fwd_triton.register_fake(fakes.insert_prompts_packed_fwd)
-
-
-@torch.library.custom_op("fastprompt::insert_prompts_packed_bwd_triton", mutates_args=())
-@on_the_inputs_device
-def insert_prompts_packed_bwd_triton(grad_y: Optional[Tensor], grad_y_ln: Optional[Tensor], x: Tensor,
-                                     prompts: Tensor, cu_seqlens: Tensor, start: int, starts: Optional[Tensor],
-                                     ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], saved: list[Tensor],
-                                     eps: float) -> tuple[Tensor, Tensor, list[Tensor]]:
+def insert_prompts_packed_bwd(grad_y: Optional[Tensor], grad_y_ln: Optional[Tensor], x: Tensor, prompts: Tensor,
+                              cu_seqlens: Tensor, start: int, starts: Optional[Tensor], ln_weight: Optional[Tensor],
+                              ln_bias: Optional[Tensor], saved: list[Tensor], eps: float
+                              ) -> tuple[Tensor, Tensor, list[Tensor]]:
     total, d = x.shape
     n, m = cu_seqlens.shape[0] - 1, prompts.shape[-2]
     has_ln = ln_weight is not None or ln_bias is not None
     has_dyln = grad_y_ln is not None and has_ln
     shared = prompts.dim() == 2
-    block_r, block_d, warps = _config(d, backward=True)
-    grid = max(1, min(triton.cdiv(total, block_r), 4 * sm_count(x.device)))
+    cfg = config(d, backward=True)
+    grid = max(1, min(triton.cdiv(total, cfg.block_r), cfg.programs_per_sm * sm_count(x.device)))
     dx = empty(total, d, like=x)
     # shared prompts: one fp32 row block per sequence, summed below; per-sample: written in place
     dp = empty(n, m, d, like=x, dtype=torch.float32) if shared else empty(n, m, d, like=prompts)
@@ -195,7 +186,7 @@ def insert_prompts_packed_bwd_triton(grad_y: Optional[Tensor], grad_y_ln: Option
         grad_y_ln if has_dyln else x, dx, dp, dw_part, db_part,
         start, total, n, m, d, _search_steps(n), *x.stride(), *_prompt_strides(prompts), *sdy, *sdln,
         HAS_STARTS=starts is not None, HAS_DY=grad_y is not None, HAS_DYLN=has_dyln, HAS_W=ln_weight is not None,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+        BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps)
     dprompts = dp.sum(0).to(prompts.dtype) if shared else dp
     ln_grads = []
     for param, part in ((ln_weight, dw_part), (ln_bias, db_part)):
@@ -204,7 +195,4 @@ def insert_prompts_packed_bwd_triton(grad_y: Optional[Tensor], grad_y_ln: Option
     return dx, dprompts, ln_grads
 
 
-insert_prompts_packed_bwd_triton.register_fake(fakes.insert_prompts_packed_bwd)
-
-backends.register_impl("insert_prompts_packed", "triton", insert_prompts_packed_fwd_triton,
-                       insert_prompts_packed_bwd_triton, supports)
+implement(INSERT_PROMPTS_PACKED, insert_prompts_packed_fwd, insert_prompts_packed_bwd, supports)

@@ -1,4 +1,5 @@
-"""Prompt insertion fused with LayerNorm, in Triton (the math: fastprompt/reference/insert.py).
+"""Prompt insertion fused with LayerNorm, in Triton: the triton backend of the op insert_prompts (declared in
+fastprompt/ops/insert_prompts.py; the math: fastprompt/reference/insert_prompts.py).
 
 Forward, one kernel: each program takes BLOCK_R rows of one sequence, reads each row once from x or from
 the prompts (whichever the row comes from), writes it to y, and writes its LayerNorm to y_ln; it keeps
@@ -11,29 +12,42 @@ and routes it: to dx at the row x came from (zero for the rows a replacement ove
 prompt row it came from. The LayerNorm affine gradients Σ dy_ln·x̂ and Σ dy_ln, and for shared prompts
 the sum over the N sequences, are written as per-program partials and summed by torch afterwards, so
 the result does not depend on scheduling (no atomics).
-
-Configs: one row of D elements is a block of BLOCK_D = next_pow2(D) lanes; BLOCK_R rows per tile keep a
-tile near 4096 elements (8 KB in bf16): at ViT-B/16 widths (D = 768) that is 4 rows, 4 warps. The backward
-grid is 4 programs per SM. These are first choices for Hopper (H100), not yet measured there; Ampere
-configs are the same, not yet measured either.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastprompt import backends
-from fastprompt.ops import fakes
-from fastprompt._alloc import empty
-from fastprompt.reference.insert import out_len
+from fastprompt.ops.insert_prompts import INSERT_PROMPTS, out_len
+from fastprompt.ops.outputs import empty
 
-from ._common import (dtype_reason, ln_backward_rows, next_pow2, on_the_inputs_device, sm_count,
-                      store_rows_and_layer_norm)
+from ._common import dtype_reason, implement, ln_backward_rows, next_pow2, sm_count, store_rows_and_layer_norm
 
 MAX_WIDTH = 16384  # one row is one block
+
+
+# ---- block sizes -----------------------------------------------------------------------------------------------
+
+class Config(NamedTuple):
+    block_r: int  # rows of a tile
+    block_d: int  # lanes of a row: next_pow2(D), the whole row
+    num_warps: int
+    programs_per_sm: int  # the backward's grid (it walks the tiles)
+
+
+def config(d: int, backward: bool = False) -> Config:
+    """First choices for Hopper (H100), not yet timed there; Ampere takes the same. A tile holds ~4096 elements
+    (8 KB in bf16: at ViT-B/16's D = 768, 4 rows of 1024 lanes) on 4 warps. The backward holds about three tiles
+    live (x̂, dy, dy_ln) plus the affine partial sums: at 4 warps and widths from 512 it needed all 255 registers
+    and spilled (tools/triton_compile_check.py), so it spreads the tile over 8 warps there; it runs 4 programs
+    per SM, each walking tiles, so that its per-program partial sums stay few. The packed kernels
+    (kernels/insert_prompts_packed.py) take the same configs."""
+    block_d = next_pow2(d)
+    block_r = max(1, min(16, 4096 // block_d))
+    return Config(block_r, block_d, 4 if block_d < (512 if backward else 2048) else 8, 4)
 
 
 @triton.jit
@@ -145,24 +159,12 @@ def _insert_bwd_kernel(x_ptr, p_ptr, starts_ptr, w_ptr, mean_ptr, rstd_ptr, dy_p
         tl.store(db_part_ptr + pid * D + cols, db_acc, mask=col_ok)
 
 
-def _config(d: int, backward: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_D, num_warps): ~4096 elements a tile. The backward holds about three tiles live (x̂, dy,
-    dy_ln) plus the affine partial sums: at 4 warps and widths from 512 it needed all 255 registers and
-    spilled (tools/triton_compile_check.py), so it spreads the tile over 8 warps there."""
-    block_d = next_pow2(d)
-    block_r = max(1, min(16, 4096 // block_d))
-    return block_r, block_d, 4 if block_d < (512 if backward else 2048) else 8
-
-
 def _starts_arg(starts: Optional[Tensor], x: Tensor) -> Tensor:
     return starts if starts is not None else x  # a placeholder pointer when HAS_STARTS is False
 
 
-@torch.library.custom_op("fastprompt::insert_prompts_fwd_triton", mutates_args=())
-@on_the_inputs_device
-def insert_prompts_fwd_triton(x: Tensor, prompts: Tensor, start: int, starts: Optional[Tensor],
-                              ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float, mode: str
-                              ) -> tuple[Tensor, Tensor, list[Tensor]]:
+def insert_prompts_fwd(x: Tensor, prompts: Tensor, start: int, starts: Optional[Tensor], ln_weight: Optional[Tensor],
+                       ln_bias: Optional[Tensor], eps: float, mode: str) -> tuple[Tensor, Tensor, list[Tensor]]:
     n, length, d = x.shape
     m = prompts.shape[-2]
     l_out = out_len(length, m, mode)
@@ -175,35 +177,29 @@ def insert_prompts_fwd_triton(x: Tensor, prompts: Tensor, start: int, starts: Op
         y_ln, mean, rstd = x.new_empty(0), y, y
     shared = prompts.dim() == 2
     spn, spm, spd = (0, *prompts.stride()) if shared else prompts.stride()
-    block_r, block_d, warps = _config(d)
-    _insert_fwd_kernel[(n, triton.cdiv(l_out, block_r))](
+    cfg = config(d)
+    _insert_fwd_kernel[(n, triton.cdiv(l_out, cfg.block_r))](
         x, prompts, _starts_arg(starts, x), ln_weight if ln_weight is not None else x,
         ln_bias if ln_bias is not None else x, y, y_ln if has_ln else y, mean, rstd,
         start, length, m, d, l_out, eps, *x.stride(), spn, spm, spd,
         HAS_STARTS=starts is not None, INSERT=mode == "insert", SHARED=shared, HAS_LN=has_ln,
-        HAS_W=ln_weight is not None, HAS_B=ln_bias is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-        num_warps=warps)
+        HAS_W=ln_weight is not None, HAS_B=ln_bias is not None, BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps)
     return y, y_ln, ([mean, rstd] if has_ln else [])
 
 
-insert_prompts_fwd_triton.register_fake(fakes.insert_prompts_fwd)
-
-
-@torch.library.custom_op("fastprompt::insert_prompts_bwd_triton", mutates_args=())
-@on_the_inputs_device
-def insert_prompts_bwd_triton(grad_y: Optional[Tensor], grad_y_ln: Optional[Tensor], x: Tensor, prompts: Tensor,
-                              start: int, starts: Optional[Tensor], ln_weight: Optional[Tensor],
-                              ln_bias: Optional[Tensor], saved: list[Tensor], eps: float, mode: str
-                              ) -> tuple[Tensor, Tensor, list[Tensor]]:
+def insert_prompts_bwd(grad_y: Optional[Tensor], grad_y_ln: Optional[Tensor], x: Tensor, prompts: Tensor, start: int,
+                       starts: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                       saved: list[Tensor], eps: float, mode: str) -> tuple[Tensor, Tensor, list[Tensor]]:
     n, length, d = x.shape
     m = prompts.shape[-2]
     l_out = out_len(length, m, mode)
     has_ln = ln_weight is not None or ln_bias is not None
     has_dyln = grad_y_ln is not None and has_ln
     shared = prompts.dim() == 2
-    block_r, block_d, warps = _config(d, backward=True)
-    n_tiles = n * triton.cdiv(l_out, block_r)
-    grid = max(1, min(n_tiles, 4 * sm_count(x.device)))
+    cfg = config(d, backward=True)
+    n_tiles = n * triton.cdiv(l_out, cfg.block_r)
+    grid = max(1, min(n_tiles, cfg.programs_per_sm * sm_count(x.device)))
     dx = empty(n, length, d, like=x)
     # shared prompts: one fp32 row block per sequence, summed below; per-sample: written in place
     dp = empty(n, m, d, like=x, dtype=torch.float32) if shared else empty(n, m, d, like=prompts)
@@ -218,16 +214,14 @@ def insert_prompts_bwd_triton(grad_y: Optional[Tensor], grad_y_ln: Optional[Tens
         grad_y if grad_y is not None else x, grad_y_ln if has_dyln else x, dx, dp, dw_part, db_part,
         start, n, length, m, d, l_out, *x.stride(), spn, spm, spd, *sdy, *sdln,
         HAS_STARTS=starts is not None, INSERT=mode == "insert", SHARED=shared, HAS_DY=grad_y is not None,
-        HAS_DYLN=has_dyln, HAS_W=ln_weight is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+        HAS_DYLN=has_dyln, HAS_W=ln_weight is not None, BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps)
     dprompts = dp.sum(0).to(prompts.dtype) if shared else dp
     ln_grads = []
     for param, part in ((ln_weight, dw_part), (ln_bias, db_part)):
         if param is not None:
             ln_grads.append(part.sum(0).to(param.dtype) if has_dyln else torch.zeros_like(param))
     return dx, dprompts, ln_grads
-
-
-insert_prompts_bwd_triton.register_fake(fakes.insert_prompts_bwd)
 
 
 def supports(problem: dict) -> Optional[str]:
@@ -237,4 +231,4 @@ def supports(problem: dict) -> Optional[str]:
     return reason
 
 
-backends.register_impl("insert_prompts", "triton", insert_prompts_fwd_triton, insert_prompts_bwd_triton, supports)
+implement(INSERT_PROMPTS, insert_prompts_fwd, insert_prompts_bwd, supports)
