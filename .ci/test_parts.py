@@ -28,32 +28,44 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = ROOT / "build" / "test-logs"
-OPS = ["tests/test_insert.py", "tests/test_dafe.py", "tests/test_cmpa.py"]
+OPS = "tests/ops"  # the op tests: every op against float64 on every backend; the emulator parts take the folder
 
 # (name, kind, pytest arguments), in the order they start, the longest first (README "Tests" gives the times
 # seen); kind "main" runs under TRITON_INTERPRET=1 as the suite always did, "emulated" on the CUDA emulator,
-# "bench" is the benchmark smoke
+# "bench" is the benchmark smoke. The main parts name folders of tests/ (one per layer) or files in them.
 PARTS = [
-    ("ops-cmpa", "main", ["tests/test_cmpa.py"]),
-    ("ops-insert-dafe", "main", ["tests/test_insert.py", "tests/test_dafe.py"]),
-    ("rest", "main", None),  # every test file not named in a main part: backends, extension, compile check, wheels
-    ("harness", "main", ["tests/test_train.py", "tests/test_run_control.py", "tests/test_cli.py",
-                         "tests/test_cli_inputs.py", "tests/test_plot_compare.py"]),
-    ("methods", "main", ["tests/test_methods_common.py", "tests/test_method_coop.py", "tests/test_method_dcp.py",
-                         "tests/test_method_deep.py", "tests/test_method_dpt.py", "tests/test_method_map_dafe.py",
-                         "tests/test_method_tmml.py", "tests/test_method_contract.py", "tests/test_text_path.py",
-                         "tests/test_training_step.py", "tests/test_public_checkpoints.py", "tests/test_clip.py"]),
-    ("emulator", "emulated", [*OPS, "tests/test_op_declarations.py", "tests/test_cuda_emulator.py", "-k",
-                                 "cuda or emulator"]),
-    ("emulator-reversed", "emulated-reverse", [*OPS, "-k", "cuda"]),
+    ("ops-cmpa", "main", ["tests/ops/test_cmpa.py"]),
+    ("ops", "main", [OPS, "--ignore=tests/ops/test_cmpa.py"]),
+    ("rest", "main", None),  # every test file no main part names: kernels (compile check, extension), package
+    ("train", "main", ["tests/train"]),
+    ("methods", "main", ["tests/methods", "tests/clip"]),
+    ("emulator", "emulated", [OPS, "tests/kernels/test_cuda_emulator.py", "-k", "cuda or emulator"]),
+    ("emulator-reversed", "emulated-reverse", [OPS, "-k", "cuda"]),
     ("bench-smoke", "bench", ["benches", "--benchmark-disable"]),
 ]
 
 
+def test_files(args: list) -> list:
+    """The test files that pytest arguments of a part select: its files, and the test_*.py under its folders
+    less the --ignore'd ones (options such as -k filter tests, not files)."""
+    ignored = {a.split("=", 1)[1] for a in args if a.startswith("--ignore=")}
+    files = []
+    for arg in args:
+        if arg.startswith("-") or not arg.startswith("tests"):
+            continue
+        path = ROOT / arg
+        found = sorted(path.rglob("test_*.py")) if path.is_dir() else [path]
+        files += [str(f.relative_to(ROOT)) for f in found if str(f.relative_to(ROOT)) not in ignored]
+    return files
+
+
+def all_test_files() -> list:
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py"))
+
+
 def _rest() -> list:
-    named = {arg for _, kind, args in PARTS if kind == "main" and args for arg in args}
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py") if str(p.relative_to(ROOT))
-                  not in named)
+    named = {f for _, kind, args in PARTS if kind == "main" and args for f in test_files(args)}
+    return [f for f in all_test_files() if f not in named]
 
 
 def _env(kind: str, expect_extension: bool, jobs: int) -> dict:

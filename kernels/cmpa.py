@@ -123,7 +123,7 @@ def backward_layout(m: int, d: int, d_other: int, f: int) -> dict[str, tuple[int
 
 
 # The slots of the workspaces, from a side's sizes: fastprompt/ops/cmpa_layout.py's forward layout and
-# `backward_layout` (tests/test_cmpa.py checks the two against each other).
+# `backward_layout` (tests/ops/test_cmpa.py checks the two against each other).
 
 @triton.jit
 def _xbar(s, M):

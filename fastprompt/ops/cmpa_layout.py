@@ -1,5 +1,5 @@
 """The fp32 workspace of one CMPA side, shared by the Triton and CUDA kernels, which find its slots from the side's
-sizes (kernels/cmpa.py `_xbar` ... `_h`, checked against this file by tests/test_cmpa.py; csrc/cmpa.cu
+sizes (kernels/cmpa.py `_xbar` ... `_h`, checked against this file by tests/ops/test_cmpa.py; csrc/cmpa.cu
 `make_view`): what the forward keeps for the backward, and what the forward's fake describes. Row-major blocks,
 in this order:
   xbar (M, D) pooled rows · p (M, D) the cross-modal projection · stats (6, M) mean and 1/std of LN1(p),

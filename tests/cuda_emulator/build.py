@@ -7,7 +7,7 @@ registers the same op names). The build is cached in build/cuda_emulator/ of the
 nothing changed takes a second, a changed kernel recompiles its file); the first one takes about 10 s on 2 cores,
 most of it the torch headers of bindings.cpp. Nothing here needs nvcc or a GPU; torch's builder needs ninja.
 
-`compile_kernels(source, name)` builds a torch-free shared library of test kernels (tests/test_cuda_emulator.py).
+`compile_kernels(source, name)` builds a torch-free shared library of test kernels (tests/kernels/test_cuda_emulator.py).
 """
 
 from __future__ import annotations
