@@ -10,7 +10,9 @@ Math (DESIGN.md, op 1). V visual (M, B, Dv), T text (M, C, Dt); the text side mi
 
 The raw ops (declared in fastprompt/ops/cmpa.py) compute in fp32 for fp16 / bf16 / fp32 inputs (fp64 for
 fp64) and round the results to the input dtype. The forward returns V'' and T'' as (M, D) rows plus what the
-backward needs (the pooled rows and the argmax of `max`: the backward recomputes the rest); the backward takes
+backward needs (the pooled rows, the argmax of `max` and each computed side's intermediates, SAVED: M rows
+each, a few hundred kB at ViT-B/16 widths, where recomputing them would read the 11 M weights once more in every
+backward; DCP calls the op at 9 layers a step); the backward takes
 the upstream gradients at the broadcast shape (M, B, Dv) and (M, C, Dt), reduces them over B and C, and
 returns the input and parameter gradients.
 """
@@ -73,12 +75,28 @@ def side_forward(xbar: Tensor, other_bar: Tensor, p: CMPASideParams, n_head: int
     return out, cache
 
 
-def side_backward(dout: Tensor, xbar: Tensor, other_bar: Tensor, p: CMPASideParams, n_head: int, eps: float):
+# The intermediates of one side that the forward saves for the backward, in this order, with their shapes
+# (M rows, width D, H heads, MLP width F); side_forward's cache holds them.
+SAVED = ("proj", "mean_a", "rstd_a", "a", "mean_b", "rstd_b", "b", "q", "k", "v", "o", "probs", "x1", "mean_c",
+         "rstd_c", "c", "h", "g")
+
+
+def saved_shapes(m: int, d: int, h: int, f: int) -> list[tuple[int, ...]]:
+    rows, stats = (m, d), (m, 1)
+    shapes = dict(proj=rows, a=rows, b=rows, q=rows, k=rows, v=rows, o=rows, x1=rows, c=rows, probs=(h, m, m),
+                  h=(m, f), g=(m, f))
+    return [shapes.get(name, stats) for name in SAVED]
+
+
+def side_backward(dout: Tensor, xbar: Tensor, other_bar: Tensor, p: CMPASideParams, n_head: int, eps: float,
+                  f: Optional[dict] = None):
     """Returns dV̄ (this side's pooled input), dŌ (the other side's pooled input, through proj) and the
-    parameter gradients as a CMPASideParams. Recomputes the forward intermediates (they are tiny)."""
+    parameter gradients as a CMPASideParams. `f`: the forward's intermediates (side_forward's cache), recomputed
+    when not given."""
     d = xbar.shape[-1]
     wq, wk, wv = p.in_proj_weight.split(d)
-    _, f = side_forward(xbar, other_bar, p, n_head, eps)
+    if f is None:
+        _, f = side_forward(xbar, other_bar, p, n_head, eps)
     # MLP residual branch: out = x1 + c_proj(g(c_fc(LN2(x1))))
     dg, dw_cproj, db_cproj = linear_bwd(dout, f["g"], p.cproj_weight)
     dh = quick_gelu_bwd(dg, f["h"])
@@ -116,23 +134,30 @@ def cmpa_fwd(visual: Tensor, text: Tensor, visual_params: list[Tensor], text_par
         cd = compute_dtype(visual.dtype)
         vbar, vidx = pool(visual, fusing, cd)
         tbar, tidx = pool(text, fusing, cd)
-        out_v, _ = side_forward(vbar, tbar, _upcast(visual_params, cd), n_head_visual, eps)
+        out_v, cache_v = side_forward(vbar, tbar, _upcast(visual_params, cd), n_head_visual, eps)
+        saved = [vbar, tbar, vidx, tidx, *(cache_v[name] for name in SAVED)]
         if compute_text:
-            out_t = side_forward(tbar, vbar, _upcast(text_params, cd), n_head_text, eps)[0].to(text.dtype)
+            out_t, cache_t = side_forward(tbar, vbar, _upcast(text_params, cd), n_head_text, eps)
+            out_t = out_t.to(text.dtype)
+            saved += [cache_t[name] for name in SAVED]
         else:  # the visual side alone (DCP as its public code runs it): the text side is never computed
             out_t = text.new_empty(0)
-    return out_v.to(visual.dtype), out_t, [vbar, tbar, vidx, tidx]
+    return out_v.to(visual.dtype), out_t, saved
 
 
 def cmpa_fwd_fake(visual, text, visual_params, text_params, n_head_visual, n_head_text, fusing, eps, compute_text):
-    """This forward saves the pooled rows in the compute dtype and the int64 argmax (not the kernels' workspace)."""
+    """This forward saves the pooled rows and each computed side's intermediates in the compute dtype and the
+    int64 argmax (not the kernels' workspace)."""
     m, _, dv = visual.shape
     dt = text.shape[2]
     cd = compute_dtype(visual.dtype)
     idx_v = visual.new_empty((m, dv) if fusing == "max" else (0,), dtype=torch.int64)
     idx_t = text.new_empty((m, dt) if fusing == "max" else (0,), dtype=torch.int64)
-    return (visual.new_empty(m, dv), text.new_empty((m, dt) if compute_text else (0,)),
-            [visual.new_empty((m, dv), dtype=cd), text.new_empty((m, dt), dtype=cd), idx_v, idx_t])
+    saved = [visual.new_empty((m, dv), dtype=cd), text.new_empty((m, dt), dtype=cd), idx_v, idx_t]
+    saved += [visual.new_empty(s, dtype=cd) for s in saved_shapes(m, dv, n_head_visual, visual_params[10].shape[0])]
+    if compute_text:
+        saved += [text.new_empty(s, dtype=cd) for s in saved_shapes(m, dt, n_head_text, text_params[10].shape[0])]
+    return (visual.new_empty(m, dv), text.new_empty((m, dt) if compute_text else (0,)), saved)
 
 
 def cmpa_bwd(grad_visual_out: Optional[Tensor], grad_text_out: Optional[Tensor], visual: Tensor, text: Tensor,
@@ -141,20 +166,26 @@ def cmpa_bwd(grad_visual_out: Optional[Tensor], grad_text_out: Optional[Tensor],
              ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
     """Without compute_text the text parameters get empty gradients (they took no part)."""
     with no_autocast(visual.device):
-        vbar, tbar, vidx, tidx = saved
+        vbar, tbar, vidx, tidx = saved[:4]
+        n = len(SAVED)
+        cache_v = dict(zip(SAVED, saved[4:4 + n]))
+        cache_t = dict(zip(SAVED, saved[4 + n:4 + 2 * n])) if compute_text else None
         cd = vbar.dtype
         pv, pt = _upcast(visual_params, cd), _upcast(text_params, cd)
         dvbar, dtbar = torch.zeros_like(vbar), torch.zeros_like(tbar)
-        grads_v = [torch.zeros_like(t) for t in pv]
-        grads_t = [torch.zeros_like(t) for t in pt] if compute_text else [t.new_empty(0) for t in pt]
+        grads_v = grads_t = None  # zeros only for a side no gradient reaches (not filled to be replaced)
         if grad_visual_out is not None:  # the broadcast over B is summed back here
             dv_own, dt_cross, grads_v = side_backward(grad_visual_out.sum(1, dtype=cd), vbar, tbar, pv,
-                                                      n_head_visual, eps)
+                                                      n_head_visual, eps, cache_v)
             dvbar, dtbar = dvbar + dv_own, dtbar + dt_cross
         if grad_text_out is not None and compute_text:
             dt_own, dv_cross, grads_t = side_backward(grad_text_out.sum(1, dtype=cd), tbar, vbar, pt,
-                                                      n_head_text, eps)
+                                                      n_head_text, eps, cache_t)
             dvbar, dtbar = dvbar + dv_cross, dtbar + dt_own
+        if grads_v is None:
+            grads_v = [torch.zeros_like(t) for t in pv]
+        if grads_t is None:
+            grads_t = [torch.zeros_like(t) for t in pt] if compute_text else [t.new_empty(0) for t in pt]
         dvisual, dtext = pool_bwd(dvbar, visual, fusing, vidx), pool_bwd(dtbar, text, fusing, tidx)
     return (dvisual, dtext,
             [g.to(p.dtype) for g, p in zip(grads_v, visual_params)],
