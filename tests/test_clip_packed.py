@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastprompt.clip import ClipBackbone, create_clip, encode_packed, make_layout
-from fastprompt.clip.packed import packed_attention
+from fastprompt.clip.packed import block_row_choices, packed_attention
 
 HEADS, DH = 3, 5  # an odd head width: nothing assumes a round one
 
@@ -128,12 +128,17 @@ def test_the_blocks_hold_whole_sequences():
 
 
 def test_the_block_size_is_chosen_where_padding_and_scores_cost_least():
-    """By default Bq is the multiple of 8 from S to 2S that minimises slots × (P + Bq + SLOT_COST): 100 suffixes of
-    four rows and one of nine fill blocks of 16 with almost no padding."""
+    """By default Bq is the one of block_row_choices (multiples of 16 from S to 2S) that minimises
+    slots × (P + Bq + SLOT_COST): 100 suffixes of four rows and one of nine fill blocks of 16 with almost no
+    padding; suffixes of 17 to 30 rows, mostly one per block of 32, take blocks of 48."""
     suffix = torch.tensor([4] * 100 + [9])
     layout = make_layout(suffix + 16, 80, 17)
     assert layout.block_rows == 16
     assert layout.total / layout.slot_token.numel() > 0.95
+    assert block_row_choices(9) == [16, 32] and block_row_choices(17) == [32, 48, 64]
+    torch.manual_seed(0)
+    long = torch.randint(17, 31, (200,))
+    assert make_layout(long, 80, 1).block_rows == 48
 
 
 def test_bad_layouts_are_refused_before_any_work():

@@ -3,12 +3,7 @@
 The text tower is causal and pooled at EOT, so the tokens after EOT never reach the feature: the sequences
 are cut at EOT and packed, (total_tokens, D) with cumulative lengths, and every per-token layer (LayerNorms,
 projections, MLP: nearly all the work) runs on the packed tokens only. Positional embeddings are taken at each
-token's true position. Attention, a small part of the work at these lengths, runs on a padded view of the same
-tokens with a causal mask: causality also keeps the padding out of every real token's keys, so the result is
-exact. (benches/text_attention_variants.py, 2-core CPU, one block's attention over 200 CoOp sequences cut at
-EOT: padded SDPA 7-17 ms forward; FlexAttention with a document mask 47-180x slower eager, 1.6-2.5x slower
-compiled, and no backward on the CPU; torch's varlen_attn has no CPU kernel; a per-sequence loop is 5-8x slower
-forward + backward. benches/results/text-tower-cpu.md; the GPU comparison is part of benches/gpu_check.sh.)
+token's true position.
 
 Shared prefix: when the first P tokens of every sequence of a group are identical at the input and the rows
 the method rewrites in them are rewritten identically for the group, their hidden states are identical at
@@ -16,9 +11,45 @@ every block (a causal token sees only earlier ones). They are computed once per 
 suffix attends to the prefix's keys and values at every block. Gradients from every suffix reach the prefix.
 Methods declare their prefix statically (its length and the group of each sequence): no host synchronisation.
 
-This file holds the layout and the block on it (packed_block, prefix_block: compositions of the block adapter's
-parts, blocks.py); the text stream that steps the path block by block and `encode_packed`, which drives it with
-hooks, are in streams.py, beside the full-sequence stream.
+Attention (packed_attention): each packed token attends to the earlier rows of its own suffix and to its
+group's P prefix rows, in one softmax. The layout packs the sequences of each group whole into blocks of Bq
+slots (best fit decreasing, Bq at least the longest suffix S), so that a sequence's keys all lie in its block:
+the suffix scores are one masked Bq × Bq matmul per block, the prefix scores one matmul of a group's queries
+against its (H, P, dh) keys, never copied per sequence (G = 1, every CoOp-like method, is one product; G > 1,
+e.g. a prefix per image, one batched product over the groups, their slot rows padded to the largest group's),
+then one softmax over the P + Bq scores of each query and the two value products. The padding is what the
+blocks leave empty (3 % at C = 1000), not every suffix padded to the longest (13,000 slots for 4,165 tokens
+there). Which Bq: block_row_choices, the one with the fewest slots × (P + Bq + SLOT_COST).
+
+Measured (benches/packed_attention_figures.py; ViT-B/16 random weights, fp32, one thread on the project's
+2-core CPU while it was nearly idle (load 0.4-1.0), torch 2.14.1; medians of 3 interleaved steps; before: the
+attention this replaced, on the padded (N, S) view with the prefix's keys and values gathered for every
+sequence and cat'd before a masked SDPA, kept in that script):
+    whole training step: s (peak MB)     C = 100         C = 200         C = 1000
+    coop                    before       2.74 (263)      3.79 (523)      13.3 (2,935)
+                            after        2.50 (131)      3.34 (257)      9.77 (1,184)
+    maple                   before       4.35 (485)      5.37 (683)      13.7 (2,608)
+                            after        4.23 (411)      5.12 (535)      12.5 (1,447)
+    cocoop (batch 1)        before       1.44 (200)      2.43 (398)      10.9 (2,323)
+                            after        1.35 (126)      2.23 (250)      9.25 (1,162)
+At C = 1000 coop's step now runs its 767-778 counted GFLOP at ~80 GFLOP/s, the rate of its linear layers (the
+bound); the peak is what its packed tokens need (~0.28 MB per text token). One block's attention alone,
+forward + backward (--attention-only, C = 1000): coop (P = 17, S = 13) 408-427 → 57-67 ms, maple and cocoop
+(P = 5) 221-276 → 61 ms, TMML (P = 1, S = 17) 240-309 → 131 ms. Tried and not kept: a window of the
+Bq + S - 1 packed rows ending with each block instead of whole sequences per block (more keys copied and
+scored: slower), SDPA per block with the prefix cat'd per block (a copy per block; as fast at best, slower at
+Bq = 16), gathering per head (index_select on the (H, T, dh) view: 2x slower than a row gather and one
+transpose), SDPA per block without a prefix (no faster than the matmuls). Without a prefix (prefix_reuse=False)
+and with suffixes nearly all as long as the longest, the padded causal SDPA of before stays faster on the
+attention alone (CoOp's 16 context rows, C = 1000: S = 30, mean 21; 837 → 909 ms, ~2 % of the block); where
+lengths vary the blocks win (TMML without a prefix: 258 → 143 ms). Earlier (benches/text_attention_variants.py,
+before this layout): FlexAttention with a document mask 47-180x slower eager, 1.6-2.5x slower compiled and no
+backward on the CPU, torch's varlen_attn no CPU kernel, a per-sequence loop 5-8x slower; on a GPU, FlexAttention
+with a document mask is the candidate to measure against this (benches/gpu_check.sh).
+
+This file holds the layout, the attention and the blocks on it (packed_block, prefix_block: compositions of the
+block adapter's parts, blocks.py); the text stream that steps the path block by block and `encode_packed`, which
+drives it with hooks, are in streams.py, beside the full-sequence stream.
 """
 
 from __future__ import annotations
@@ -95,11 +126,18 @@ class PackedLayout:
 SLOT_COST = 24
 
 
+def block_row_choices(max_suffix: int) -> list[int]:
+    """The block sizes make_layout weighs: the multiples of 16 from S to twice that (16 floats: one AVX-512 vector,
+    and the measured block sizes between multiples of 16 ran slower)."""
+    smallest = -(-max_suffix // 16) * 16
+    return list(range(smallest, 2 * smallest + 1, 16))
+
+
 def make_layout(eot: Tensor, length: int, prefix_len: int = 0, group: Optional[Tensor] = None,
                 block_rows: Optional[int] = None) -> PackedLayout:
     """The layout of sequences whose EOT rows are `eot` (N,) in (N, length) inputs, the sequences of group g
     (`group`, (N,), numbered 0..G-1; default all in group 0) sharing a prefix of `prefix_len` rows; block_rows:
-    the attention's block Bq (at least the longest suffix; default: the multiple of 8 from S to 2S that costs
+    the attention's block Bq (at least the longest suffix; default: of block_row_choices, the one that costs
     least, SLOT_COST). Computed once, on the CPU."""
     eot = eot.detach().cpu().long()
     n = eot.shape[0]
@@ -125,8 +163,7 @@ def make_layout(eot: Tensor, length: int, prefix_len: int = 0, group: Optional[T
     if block_rows is not None and block_rows < s_max:
         raise ValueError(f"block_rows {block_rows} is shorter than the longest suffix ({s_max}): a block holds "
                          "whole sequences")
-    smallest = -(-s_max // 8) * 8
-    candidates = [block_rows] if block_rows is not None else range(smallest, 2 * smallest + 1, 8)
+    candidates = [block_rows] if block_rows is not None else block_row_choices(s_max)
     packings = {bq: _pack_in_blocks(suffix, group, groups.numel(), bq) for bq in candidates}
     block_rows = min(packings, key=lambda bq: packings[bq][2] * bq * (prefix_len + bq + SLOT_COST))
     blocks = _attention_blocks(seq, row, group, groups.numel(), block_rows, *packings[block_rows])
@@ -254,5 +291,5 @@ def prefix_block(block: ClipBlock, x: Tensor, x_ln: Optional[Tensor]) -> tuple[T
     return block.mlp_residual(block.attention_residual(x, block.merge_heads(o))), (k, v)
 
 
-__all__ = ["PackedLayout", "SLOT_COST", "make_layout", "packed_attention", "packed_block", "padded",
-           "prefix_block", "unpadded"]
+__all__ = ["PackedLayout", "SLOT_COST", "block_row_choices", "make_layout", "packed_attention", "packed_block",
+           "padded", "prefix_block", "unpadded"]
