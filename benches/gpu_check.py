@@ -12,7 +12,7 @@ Three parts (--only picks some; gpu_check.sh runs the ops, then the text-tower p
              tokens: open_clip's encode_text against EOT packing and packing + prefix reuse, forward and
              forward + backward, and CoOp's logits end to end
   attention  the causal attention of the packed path (benches/text_attention_variants.py), C = 1000, 2 and
-             16 context tokens, bf16: padded SDPA, varlen_attn, a per-sequence loop, FlexAttention eager
+             16 context tokens, bf16: packed blocks (packed.py), padded SDPA, varlen_attn, a per-sequence loop, FlexAttention eager
              and compiled, forward and forward + backward
 Every table is appended to OUT/results.md and printed as soon as it is measured.
 
@@ -149,8 +149,8 @@ def _median_us(steps, reps, warmup=10):
 
 
 def attention_tables(device="cuda", classes=1000, contexts=(2, 16), rounds=20, variants=None, write=print):
-    """The causal attention of the packed text path (benches/text_attention_variants.py): padded SDPA (what
-    packed.py does), varlen_attn, a per-sequence loop, FlexAttention with a document + causal mask eager
+    """The causal attention of the packed text path (benches/text_attention_variants.py): packed blocks (what
+    packed.py does), padded SDPA (what it did before), varlen_attn, a per-sequence loop, FlexAttention with a document + causal mask eager
     and compiled; forward and forward + backward over CoOp's ragged sequences for C ImageNet names, bf16 on
     CUDA. Decides whether the packed path should call varlen_attn or FlexAttention on this GPU."""
     from text_attention_variants import measure, table

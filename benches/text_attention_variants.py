@@ -1,13 +1,15 @@
 """Causal attention over the packed text sequences: which implementation the packed path should use.
 
 fastprompt's packed text path (fastprompt/clip/packed.py) runs every per-token layer on the sequences cut at
-their EOT and packed, (T, D), and runs attention on a padded view of them (N, S) with a causal mask. This
-script times that choice against the alternatives, on the attention of one block of a ViT-B/16 text tower
+their EOT and packed, (T, D), and runs attention on whole sequences packed into blocks (packed_attention).
+This script times that choice against the alternatives, on the attention of one block of a ViT-B/16 text tower
 (8 heads of 64) over CoOp's sequences for the first C ImageNet class names with n context tokens (the ragged
 lengths to EOT that CoOp produces, no shared prefix), forward and forward + backward:
 
+  packed blocks     fastprompt.clip.packed.packed_attention: whole sequences packed into blocks of Bq slots,
+                    one masked Bq × Bq score matmul per block (what packed.py does)
   padded SDPA       pad (T, H, dh) → (N, H, S, dh), scaled_dot_product_attention(is_causal=True), unpad
-                    (what packed.py does; causality keeps the padding out of every real token's keys)
+                    (what packed.py did before; causality keeps the padding out of every real token's keys)
   flex eager        FlexAttention on the packed (1, H, T, dh) with a document + causal block mask
   flex compiled     the same under torch.compile
   varlen_attn       torch.nn.attention.varlen.varlen_attn with cumulative lengths, causal (flash: CUDA only)
@@ -70,6 +72,19 @@ class Layout:
 
 
 # ---- the variants: (T, H, dh) packed q, k, v → (T, H, dh) ------------------------------------------------
+def packed_blocks(layout: Layout):
+    from fastprompt.clip.packed import make_layout, packed_attention
+
+    lengths = torch.tensor(layout.lengths)
+    blocks = make_layout(lengths - 1, int(lengths.max())).to(layout.cu.device)
+
+    def attend(q, k, v):
+        total, heads, dh = q.shape
+        o = packed_attention(*(x.reshape(total, heads * dh) for x in (q, k, v)), heads, blocks)
+        return o.view(total, heads, dh)
+    return attend
+
+
 def padded_sdpa(layout: Layout):
     def attend(q, k, v):
         def pad(x):  # (T, H, dh) → (N, H, S, dh), zeros in the padding slots
@@ -121,7 +136,7 @@ def per_sequence(layout: Layout):
 
 
 # the compiled variant last: its compiles are the slow part of a run with a time limit (the GPU check)
-VARIANTS = {"padded SDPA (packed.py)": padded_sdpa, "varlen_attn": varlen, "per-sequence loop": per_sequence,
+VARIANTS = {"packed blocks (packed.py)": packed_blocks, "padded SDPA": padded_sdpa, "varlen_attn": varlen, "per-sequence loop": per_sequence,
             "flex eager": lambda lay: flex(lay, False), "flex compiled": lambda lay: flex(lay, True)}
 
 
