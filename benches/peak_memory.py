@@ -20,10 +20,15 @@ CUDA figure measures too. `benches/test_peak_memory.py` checks it on steps whose
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
+
+# Kineto, the profiler's C++ side, logs its start and stop (and, without a GPU, a failed device count) to stderr
+# at its default level, between the progress lines; its level is read when it first starts (as fastprompt bench)
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 
 @dataclass
