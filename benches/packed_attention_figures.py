@@ -47,7 +47,7 @@ from fastprompt.clip.blocks import ClipBlock  # noqa: E402
 from fastprompt.clip.packed import (  # noqa: E402
     PackedLayout, block_row_choices, make_layout, packed_attention, padded, unpadded)
 from peak_memory import measured  # noqa: E402
-from train_step_figures import PER_IMAGE_TEXT, ROWS  # noqa: E402
+from train_step_figures import PER_IMAGE_TEXT, ROWS, report  # noqa: E402
 
 LOSS_RTOL = 1e-5
 MB = 2 ** 20
@@ -300,11 +300,7 @@ def main(argv: Optional[list] = None) -> int:
             rows += r["rows"]
             texts.append(sweep_table(r))
             print(texts[-1] + "\n", flush=True)
-        last = json.dumps({"rows": rows})
-        print(last, flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write("\n\n".join(texts) + "\n\n" + last + "\n")
+        report(texts, json.dumps({"rows": rows}), args.out)
         return 0
     results, texts, clip_model = [], [], None
     for classes in args.classes:
@@ -314,11 +310,7 @@ def main(argv: Optional[list] = None) -> int:
         results.append(r)
         texts.append(table(r))
         print(texts[-1] + "\n", flush=True)
-    last = json_line(results)
-    print(last, flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n\n".join(texts) + "\n\n" + last + "\n")
+    report(texts, json_line(results), args.out)
     bad = sorted({(r["classes"], run.row) for r in results for run in r["runs"]
                   if _loss_error(r["runs"], run.row) > LOSS_RTOL})
     if bad:

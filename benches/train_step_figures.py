@@ -46,7 +46,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -317,6 +317,14 @@ def growth(results: list) -> str:
                       "| step at C = 1000, s |", "|---|---|---|---|---|"] + lines)
 
 
+def report(texts: list[str], last: str, out: Optional[str]) -> None:
+    """Print the JSON line (the tables are printed as they are measured) and write tables and line to `out`."""
+    print(last, flush=True)
+    if out:
+        with open(out, "w") as f:
+            f.write("\n\n".join(texts) + "\n\n" + last + "\n")
+
+
 def json_line(results: list) -> str:
     rows = []
     for r in results:
@@ -376,11 +384,7 @@ def main(argv=None) -> int:
     if extra:
         texts.append(extra)
         print(extra + "\n")
-    last = json_line(results)
-    print(last, flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n\n".join(texts) + "\n\n" + last + "\n")
+    report(texts, json_line(results), args.out)
     mismatched = sorted({run.row for r in results for run in r["runs"] if run.loss_error > LOSS_RTOL})
     # (nan compares False: a row run on one path has nothing to check)
     if mismatched:
