@@ -5,14 +5,14 @@ import torch
 
 from . import text_attention_variants
 
-PADDED, LOOP = "padded SDPA (packed.py)", "per-sequence loop"
+BLOCKS, PADDED, LOOP = "packed blocks (packed.py)", "padded SDPA", "per-sequence loop"
 
 
 def test_attention_variants_match_float64():
     r = text_attention_variants.measure(12, 2, "cpu", torch.float32, rounds=1, log=lambda _: None,
-                                        variants=[PADDED, LOOP, "flex eager", "varlen_attn"])
+                                        variants=[BLOCKS, PADDED, LOOP, "flex eager", "varlen_attn"])
     assert r["n"] == 12 and r["total"] == int(text_attention_variants.coop_lengths(12, 2).sum())
-    for name in (PADDED, LOOP):
+    for name in (BLOCKS, PADDED, LOOP):
         row = r["rows"][name]
         assert row["forward_error"] < 1e-5 and row["backward_error"] < 1e-5, (name, row)
         assert row["forward_ms"] > 0 and row["backward_ms"] > 0
@@ -20,7 +20,7 @@ def test_attention_variants_match_float64():
     varlen = r["rows"]["varlen_attn"]  # flash-only: on a CPU the failure is the result
     assert varlen.get("forward_error", 0) < 1e-5 and ("forward_failed" in varlen or "forward_ms" in varlen)
     text = text_attention_variants.table(r)
-    assert PADDED in text and "varlen_attn" in text
+    assert BLOCKS in text and PADDED in text and "varlen_attn" in text
 
 
 def test_a_wrong_mask_shows_in_the_error(monkeypatch):
