@@ -26,12 +26,13 @@ Measured (benches/packed_attention_figures.py; ViT-B/16 random weights, fp32, on
 attention this replaced, on the padded (N, S) view with the prefix's keys and values gathered for every
 sequence and cat'd before a masked SDPA, kept in that script):
     whole training step: s (peak MB)     C = 100         C = 200         C = 1000
-    coop                    before       2.74 (263)      3.79 (523)      13.3 (2,935)
-                            after        2.50 (131)      3.34 (257)      9.77 (1,184)
-    maple                   before       4.35 (485)      5.37 (683)      13.7 (2,608)
-                            after        4.23 (411)      5.12 (535)      12.5 (1,447)
-    cocoop (batch 1)        before       1.44 (200)      2.43 (398)      10.9 (2,323)
-                            after        1.35 (126)      2.23 (250)      9.25 (1,162)
+    coop                    before       2.65 (257)      3.51 (510)      13.9 (2,878)
+                            after        2.40 (131)      3.19 (257)      9.82 (1,184)
+    maple                   before       4.25 (480)      5.17 (674)      13.4 (2,551)
+                            after        4.13 (411)      5.04 (535)      11.1 (1,447)
+    cocoop (batch 1)        before       1.42 (195)      2.37 (389)      9.97 (2,266)
+                            after        1.31 (126)      2.16 (250)      8.58 (1,162)
+(benches/results/packed-attention-cpu.md; an earlier run of the same script gave 13.3 → 9.77 s for coop at C = 1000.)
 At C = 1000 coop's step now runs its 767-778 counted GFLOP at ~80 GFLOP/s, the rate of its linear layers (the
 bound); the peak is what its packed tokens need (~0.28 MB per text token). One block's attention alone,
 forward + backward (--attention-only, C = 1000): coop (P = 17, S = 13) 408-427 → 57-67 ms, maple and cocoop
