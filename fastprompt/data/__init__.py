@@ -142,10 +142,13 @@ class TaskRecords:
 
 
 def task_records(data: str, *, shots: int = 16, seed: int = 1, subsample: str = "all",
-                 split_file: Optional[str] = None, image_dir: Optional[str] = None) -> TaskRecords:
-    """The records of a run on a dataset on disk (build_task), every one checked readable (check_images)."""
+                 split_file: Optional[str] = None, image_dir: Optional[str] = None,
+                 train: bool = True) -> TaskRecords:
+    """The records of a run on a dataset on disk (build_task), every one checked readable (check_images).
+    train False: the evaluation sets alone (a protocol's target, never trained on), so that its training
+    images are neither listed into shots nor opened."""
     splits = read_dataset(data, split_file, image_dir, seed)
-    train_records = few_shot(splits.train, shots, seed)
+    train_records = few_shot(splits.train, shots, seed) if train else []
     if subsample == "all":
         task = TaskRecords(train_records, splits.classnames, {"test": (splits.test, splits.classnames)},
                            f"{data}: {len(splits.classnames)} classes, {shots} shots, seed {seed}")
@@ -160,14 +163,15 @@ def task_records(data: str, *, shots: int = 16, seed: int = 1, subsample: str = 
 
 def build_task(model, data: Optional[str] = None, *, shots: int = 16, seed: int = 1, subsample: str = "all",
                split_file: Optional[str] = None, image_dir: Optional[str] = None, synthetic_classes: int = 8,
-               synthetic_test_per_class: int = 16, augmentation=TRAIN_AUGMENTATION) -> TaskData:
+               synthetic_test_per_class: int = 16, augmentation=TRAIN_AUGMENTATION, train: bool = True) -> TaskData:
     """The train set (K shots per class, seeded) and evaluation sets of a run.
 
     data None: the built-in procedural dataset at the model's image size (shots >= 1). subsample "base" trains
     on the base half of the classes and evaluates on base and new (the base-to-new protocol); "new" or "all"
     likewise. On disk, shots 0 takes every training image, and every image the run will read is checked
     readable here, before training (check_images). augmentation: the training transforms of images on disk
-    (clip_transforms); the built-in shapes are drawn without augmentation.
+    (clip_transforms); the built-in shapes are drawn without augmentation. train False (on disk): the
+    evaluation sets alone, the train set empty (task_records).
     """
     if data is None:
         if shots < 1:
@@ -184,7 +188,7 @@ def build_task(model, data: Optional[str] = None, *, shots: int = 16, seed: int 
                             f"built-in shapes: {synthetic_classes} classes, {per_class} shots, seed {seed}")
         return _subsample_synthetic(train, test, names, subsample, seed)
     task = task_records(data, shots=shots, seed=seed, subsample=subsample, split_file=split_file,
-                        image_dir=image_dir)
+                        image_dir=image_dir, train=train)
     train_tf, eval_tf = clip_transforms(model, augmentation)
     return TaskData(RecordDataset(task.train, train_tf, seed), task.classnames,
                     {name: (RecordDataset(records, eval_tf), names) for name, (records, names) in

@@ -95,7 +95,8 @@ def plan(name: str, config: TrainConfig, seeds, targets: Optional[list], shots_l
 
 def check_runs(config: TrainConfig, runs: list, targets: Optional[list]) -> None:
     """Everything the planned runs need that can be known without training: each one's settings, its shots
-    per class and readable images (on disk), and the targets' images; raises on the first problem."""
+    per class and readable images (on disk), and the targets' test images (all a target is read for); raises
+    on the first problem."""
     from ..data import task_records
 
     for _, changes in runs:
@@ -106,7 +107,7 @@ def check_runs(config: TrainConfig, runs: list, targets: Optional[list]) -> None
     for target in targets or []:
         if not os.path.isdir(target):
             raise ConfigError(f"the target dataset {target!r} does not exist")
-        task_records(target, shots=0)
+        task_records(target, train=False)
 
 
 def run_protocol(name: str, config: TrainConfig, seeds=(1, 2, 3), targets: Optional[list] = None,
@@ -158,8 +159,8 @@ def _evaluate_target(trainer: Trainer, target: Optional[str], seed: int) -> floa
     """Top-1 of a trained run on another dataset, all of its classes."""
     from ..data import build_task
 
-    # shots only draws the training set: 0 keeps every image of a target on disk, the shapes need at least 1
-    task = build_task(trainer.clip_model, target, shots=0 if target else 1,
+    # a target on disk is only evaluated (train=False); the shapes draw a train set of at least 1 shot
+    task = build_task(trainer.clip_model, target, shots=1, train=target is None,
                       seed=seed + 1000 if target is None else seed,
                       synthetic_classes=trainer.config.synthetic_classes)
     dataset, classnames = task.evaluations["test"]

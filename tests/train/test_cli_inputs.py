@@ -18,10 +18,10 @@ TINY = ["--method", "coop", "--epochs", "1", "--no-progress"]
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
-    """A folder with the inputs the table points at: a dataset with few images, one with a broken image, a
-    file where a folder is expected, a run that has trained, a metrics file without steps."""
+    """A folder with the inputs the table points at: a dataset with few images, one with a broken training
+    image, one with a broken test image (what a transfer target is read for), a file where a folder is expected, a run that has trained, a metrics file without steps."""
     monkeypatch.chdir(tmp_path)
-    for name, count in (("few", 3), ("bad", 2)):
+    for name, count in (("few", 3), ("bad", 2), ("badtest", 2)):
         for c in ("cat", "dog"):
             os.makedirs(f"{name}/train/{c}")
             os.makedirs(f"{name}/test/{c}")
@@ -29,6 +29,8 @@ def workspace(tmp_path, monkeypatch):
                 Image.new("RGB", (8, 8), (40 * i, 90, 200)).save(f"{name}/train/{c}/{i}.png")
             Image.new("RGB", (8, 8)).save(f"{name}/test/{c}/0.png")
     with open("bad/train/cat/broken.png", "wb") as f:
+        f.write(b"not an image")
+    with open("badtest/test/dog/broken.png", "wb") as f:
         f.write(b"not an image")
     with open("a_file", "w") as f:
         f.write("x")
@@ -114,7 +116,7 @@ BAD_INPUTS = [
     (["run", "base2new", *TINY, "--seeds", "-1"], r"--seeds takes whole numbers of at least 0"),
     (["run", "fewshot", *TINY, "--data", "few", "--shots-list", "1", "4"], r"fewer than the 4 shots"),
     (["run", "cross_dataset", *TINY, "--targets", "nowhere"], r"the target dataset 'nowhere' does not exist"),
-    (["run", "cross_dataset", *TINY, "--targets", "bad"], r"cannot read image \S*broken.png"),
+    (["run", "cross_dataset", *TINY, "--targets", "badtest"], r"cannot read image \S*badtest/test/dog/broken.png"),
     (["run", "base2new", *TINY, "--epochs", "0"], r"--epochs takes a number of epochs, at least 1"),
     # eval, plot, compare
     (["eval", "norun"], r"norun holds no checkpoint.pt: eval takes the output folder of a run"),

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from fastprompt import cli
-from fastprompt.data import DataError
+from fastprompt.data import DataError, task_records
 from fastprompt.train import ConfigError, TrainConfig, Trainer, read_metrics
 from fastprompt.train.device import resolve_device
 from fastprompt.train.trainer import TrainingDiverged
@@ -197,3 +197,17 @@ def test_a_protocol_checks_every_run_before_the_first_trains(tmp_path, monkeypat
     with pytest.raises(DataError, match=r"cannot read image \S*target/test/cat/0.png"):
         protocols.run_protocol("cross_dataset", config, seeds=[1], targets=[str(tmp_path / "target")])
     assert trained == []
+
+
+def test_a_transfer_target_is_checked_for_what_it_is_read_for(tmp_path):
+    """A target is only evaluated: a broken training image there is never read, so it does not stop the
+    protocol, and the target's training images are not opened (a broken test image does stop it, above)."""
+    from fastprompt.train import protocols
+
+    _image_folder(str(tmp_path / "data"))
+    _image_folder(str(tmp_path / "target"), broken=("train", "cat", "0.png"))
+    config = TrainConfig(**{**SMALL, "shots": 2}, data=str(tmp_path / "data"), output=str(tmp_path / "p"))
+    runs = protocols.plan("cross_dataset", config, [1], [str(tmp_path / "target")], None)
+    protocols.check_runs(config, runs, [str(tmp_path / "target")])
+    task = task_records(str(tmp_path / "target"), train=False)
+    assert task.train == [] and len(task.evaluations["test"][0]) == 6
