@@ -18,6 +18,7 @@ from . import backends
 from .info import format_report, report
 from .modules import CrossModalPromptAttention, DeepAdaptiveFeatureEnhancement
 from .ops import insert_prompts
+from .train.device import resolve_device
 from .testing import check_close
 
 
@@ -126,9 +127,8 @@ def _timed(fn: Callable, device: torch.device, rounds: int) -> float:
     return statistics.median(times)
 
 
-def run_demo(device: str = "auto", requested: tuple = (), rounds: int = 5, show_info: bool = True) -> int:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+def run_demo(device="auto", requested: tuple = (), rounds: int = 5, show_info: bool = True) -> int:
+    dev = resolve_device(device)  # auto, cpu, cuda, cuda:N or a torch.device, as --device of train
     print(f"fastprompt demo on {dev}: every available backend against the float64 reference, fp32, "
           f"forward + backward (times: median of {rounds}, informative only)\n")
     failures = 0

@@ -139,14 +139,14 @@ BAD_INPUTS = [
     (["bench", "--steps", "0"], r"bench --steps takes a number of timed steps, at least 1, got 0"),
     (["bench", "--methods", "coop", "--model", "ViT-Q-99"], r"bench --model 'ViT-Q-99'"),
     (["demo", "--rounds", "0"], r"demo --rounds takes a number of timed repetitions, at least 1, got 0"),
-    (["demo", "--device", "tpu"], r"demo --device takes auto, cpu, or cuda where a CUDA device is available"),
+    (["demo", "--device", "tpu"], r"demo --device takes auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["demo", "--backends", "fast"], r"demo --backends: unknown backend 'fast'"),
     (["info", "--verbose"], r"unrecognized arguments: --verbose"),
 ]
 if not CUDA:
     BAD_INPUTS += [
         (["train", *TINY, "--device", "cuda"], r"--device cuda: no CUDA device is available here"),
-        (["demo", "--device", "cuda"], r"demo --device takes auto, cpu, or cuda where a CUDA device is available"),
+        (["demo", "--device", "cuda:1"], r"demo --device cuda:1: no CUDA device is available here"),
     ]
 
 
