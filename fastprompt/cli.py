@@ -345,10 +345,9 @@ def _main(argv=None) -> int:
         print(json.dumps(rows, indent=2) if args.json else format_comparison(rows))
         return 0
     if args.command == "bench":
-        from .train.bench import bench_steps, check_bench_arguments, format_bench
+        from .train.bench import bench_steps, format_bench
 
-        check_bench_arguments(args.methods, args.backends, args.batch_size, args.classes, args.steps)
-
+        # bench_steps checks its arguments before any work
         results = bench_steps(args.methods, args.backends, model=args.model, batch_size=args.batch_size,
                               classes=args.classes, steps=args.steps)
         print(json.dumps(results, indent=2) if args.json else format_bench(results))
