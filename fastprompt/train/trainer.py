@@ -83,14 +83,9 @@ def method_config(config: TrainConfig) -> dict:
     return out
 
 
-OPTIMIZERS = ("auto", "sgd", "adamw")
-
-
 def resolve_optimizer(config: TrainConfig) -> str:
-    """The optimizer a run uses: as asked, or for "auto" the field's SGD, and AdamW on the built-in data with
-    random CLIP weights (TrainConfig says why)."""
-    if config.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {config.optimizer!r}; optimizers are {', '.join(OPTIMIZERS)}")
+    """The optimizer a run uses (one of validate.OPTIMIZERS, checked there): as asked, or for "auto" the
+    field's SGD, and AdamW on the built-in data with random CLIP weights (TrainConfig says why)."""
     if config.optimizer != "auto":
         return config.optimizer
     return "adamw" if config.data is None and not config.pretrained else "sgd"

@@ -15,10 +15,12 @@ import math
 import os
 from typing import Callable, Iterable, Optional
 
+from ..data import TRAIN_AUGMENTATION
 from .errors import ConfigError
 
 SCHEDULES = ("cosine", "dassl_cosine")
-AUGMENTATIONS = ("random_resized_crop", "random_flip", "normalize")  # Dassl's INPUT.TRANSFORMS names
+OPTIMIZERS = ("auto", "sgd", "adamw")
+AUGMENTATIONS = TRAIN_AUGMENTATION  # what clip_transforms applies: Dassl's INPUT.TRANSFORMS names
 
 # the command-line flag of a TrainConfig field, where it is not --field-with-dashes
 FLAGS = {"method_config": "--opt", "num_workers": "--workers", "resume": "--no-resume", "progress": "--no-progress"}
@@ -104,7 +106,7 @@ FIELD_CHECKS = [
     ("batch_size", at_least(1), "a batch size, at least 1"),
     ("eval_batch_size", at_least(1), "a batch size, at least 1"),
     ("lr", positive_number, "a learning rate, a finite number above 0"),
-    ("optimizer", lambda v: v in ("auto", "sgd", "adamw"), "auto, sgd or adamw"),
+    ("optimizer", lambda v: v in OPTIMIZERS, "auto, sgd or adamw"),
     ("momentum", lambda v: is_number(v) and 0 <= v < 1, "a momentum from 0 up to (not including) 1"),
     ("weight_decay", non_negative_number, "a finite weight decay, at least 0"),
     ("warmup_epochs", lambda v: at_least(0)(v) or (isinstance(v, list) and len(v) > 0 and all(map(at_least(0), v))),
