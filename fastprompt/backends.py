@@ -114,9 +114,13 @@ def _load_cuda() -> Optional[str]:
 
 
 def load_error(backend: str) -> Optional[str]:
-    """Why `backend` cannot be loaded on this machine at all, or None when it loaded."""
+    """Why `backend` cannot be loaded on this machine at all, or None when it loaded. A backend that loads
+    implements every declared op at once (load_all): torch.compile traces the dispatch and cannot import a
+    module while it traces, so an op first called inside a compiled function must already be there."""
     if backend not in _load_errors:
         _load_errors[backend] = {"triton": _load_triton, "cuda": _load_cuda}[backend]()
+        if _load_errors[backend] is None:
+            load_all(backend)
     return _load_errors[backend]
 
 
@@ -164,9 +168,8 @@ def implementation(op: Op | str, backend: str) -> Optional[OpImpl]:
 
 
 def load_all(backend: str) -> None:
-    """Load `backend`'s implementation of every declared op now. fastprompt.ops does it for the reference, every
-    op's fallback, so that it is there before any call: torch.compile traces the dispatch and cannot import a
-    module while it traces (the other backends load on their first eager call)."""
+    """Load `backend`'s implementation of every declared op now: load_error does it when a backend loads, and
+    fastprompt.ops for the reference (every op's fallback, there before any call)."""
     for op in declared():
         implementation(op, backend)
 

@@ -146,3 +146,19 @@ def test_a_compiled_call_needs_no_eager_call_before_it():
             "print(tuple(out.shape))\n")
     run = _python(code)
     assert run.returncode == 0 and run.stdout.strip() == "(2, 3, 24)", run.stderr[-3000:]
+
+
+@pytest.mark.slow  # a fresh interpreter and a first torch.compile
+def test_a_compiled_op_needs_no_eager_call_of_that_op_on_its_backend():
+    """A backend implements every op when it loads: after an eager Triton call of one op, a compiled function
+    that calls another op on Triton traces (it could not import that op's kernels module while tracing)."""
+    code = ("import torch, fastprompt\n"
+            "from fastprompt import ops\n"
+            "ops.dafe_fusion(torch.randn(2, 2, 24), torch.randn(2, 24), gate='scalar', alpha=torch.tensor(0.3),\n"
+            "                backend='triton')\n"
+            "w, b = torch.ones(24), torch.zeros(24)\n"
+            "f = lambda x, p: ops.insert_prompts(x, p, 1, w, b, backend='triton')[1]\n"
+            "out = torch.compile(f, fullgraph=True, backend='eager')(torch.randn(2, 6, 24), torch.randn(2, 24))\n"
+            "print(tuple(out.shape))\n")
+    run = _python(code, TRITON_INTERPRET="1")
+    assert run.returncode == 0 and run.stdout.strip() == "(2, 6, 24)", run.stderr[-3000:]
