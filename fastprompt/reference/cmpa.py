@@ -88,15 +88,11 @@ def saved_shapes(m: int, d: int, h: int, f: int) -> list[tuple[int, ...]]:
     return [shapes.get(name, stats) for name in SAVED]
 
 
-def side_backward(dout: Tensor, xbar: Tensor, other_bar: Tensor, p: CMPASideParams, n_head: int, eps: float,
-                  f: Optional[dict] = None):
+def side_backward(dout: Tensor, xbar: Tensor, other_bar: Tensor, p: CMPASideParams, n_head: int, f: dict):
     """Returns dV̄ (this side's pooled input), dŌ (the other side's pooled input, through proj) and the
-    parameter gradients as a CMPASideParams. `f`: the forward's intermediates (side_forward's cache), recomputed
-    when not given."""
+    parameter gradients as a CMPASideParams. `f`: the forward's intermediates (side_forward's cache)."""
     d = xbar.shape[-1]
     wq, wk, wv = p.in_proj_weight.split(d)
-    if f is None:
-        _, f = side_forward(xbar, other_bar, p, n_head, eps)
     # MLP residual branch: out = x1 + c_proj(g(c_fc(LN2(x1))))
     dg, dw_cproj, db_cproj = linear_bwd(dout, f["g"], p.cproj_weight)
     dh = quick_gelu_bwd(dg, f["h"])
@@ -176,11 +172,11 @@ def cmpa_bwd(grad_visual_out: Optional[Tensor], grad_text_out: Optional[Tensor],
         grads_v = grads_t = None  # zeros only for a side no gradient reaches (not filled to be replaced)
         if grad_visual_out is not None:  # the broadcast over B is summed back here
             dv_own, dt_cross, grads_v = side_backward(grad_visual_out.sum(1, dtype=cd), vbar, tbar, pv,
-                                                      n_head_visual, eps, cache_v)
+                                                      n_head_visual, cache_v)
             dvbar, dtbar = dvbar + dv_own, dtbar + dt_cross
         if grad_text_out is not None and compute_text:
             dt_own, dv_cross, grads_t = side_backward(grad_text_out.sum(1, dtype=cd), tbar, vbar, pt,
-                                                      n_head_text, eps, cache_t)
+                                                      n_head_text, cache_t)
             dvbar, dtbar = dvbar + dv_cross, dtbar + dt_own
         if grads_v is None:
             grads_v = [torch.zeros_like(t) for t in pv]
