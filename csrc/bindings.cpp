@@ -3,7 +3,7 @@
 // This is the only translation unit that includes the torch headers; the kernels live in torch-free .cu files
 // taking raw pointers, shapes and strides (csrc/kernels.h). Here the raw ops are registered as
 // fastprompt::<op>_{fwd,bwd}_cuda with TORCH_LIBRARY_FRAGMENT, with the schemas of the op's declaration
-// (fastprompt/ops/<op>.py: tests/test_op_declarations.py compares them with these strings, and the Python side
+// (fastprompt/ops/<op>.py: tests/ops/test_op_declarations.py compares them with these strings, and the Python side
 // refuses a build whose schemas differ), so one autograd Function drives every backend. Their inputs are checked
 // with messages a user understands, their outputs allocated, and every CUDA error turned into a Python error. The
 // fakes (meta implementations) are the declaration's, registered from Python (fastprompt/ops/cuda.py).

@@ -1,6 +1,6 @@
 """Cross-modal prompt attention (`cmpa`), declared: the raw ops' schemas and fakes, the problem the backends
 read, and the checks every input passes before any backend runs. The math is fastprompt/reference/cmpa.py;
-the functional form and the module are fastprompt/modules/cmpa.py."""
+the functional form is in fastprompt/ops/functional.py, the module in fastprompt/modules/cmpa.py."""
 
 from typing import NamedTuple, Sequence
 

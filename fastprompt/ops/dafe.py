@@ -1,6 +1,6 @@
 """DAFE layer fusion (`dafe`), declared: the raw ops' schemas and fakes, the problem the backends read, and the
 checks every input passes before any backend runs. The math is fastprompt/reference/dafe.py; the functional
-form and the module are fastprompt/modules/dafe.py.
+form is in fastprompt/ops/functional.py, the module in fastprompt/modules/dafe.py.
 
 Parameter lists, in the order the raw ops take and return them:
   channel / token: [ln_weight (D), ln_bias (D), gate_prev_weight W_g (k, D), gate_prev_bias b_g (k),

@@ -1,6 +1,6 @@
 """Prompt insertion fused with LayerNorm on N × L streams (`insert_prompts`), declared: the raw ops' schemas and
 fakes, the problem the backends read, and the checks every input passes before any backend runs. The math is
-fastprompt/reference/insert_prompts.py; the functional form is fastprompt/modules/insert_prompts.py (which
+fastprompt/reference/insert_prompts.py; the functional form is in fastprompt/ops/functional.py (which
 hands packed streams, `cu_seqlens=`, to the op insert_prompts_packed).
 
 The raw forward returns y_ln as an empty tensor when no LayerNorm parameter is given (custom ops have no

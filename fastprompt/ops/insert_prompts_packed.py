@@ -1,7 +1,7 @@
 """Prompt insertion fused with LayerNorm on packed sequences (`insert_prompts_packed`), declared: the raw ops'
 schemas and fakes, the problem the backends read, and the checks every input passes before any backend runs.
 The math is fastprompt/reference/insert_prompts_packed.py; users reach it through `insert_prompts(...,
-cu_seqlens=)` (fastprompt/modules/insert_prompts_packed.py).
+cu_seqlens=)` (fastprompt/ops/functional.py).
 
 x (T, D) holds N sequences back to back, sequence n in rows [cu[n], cu[n+1]); the prompts replace rows
 cu[n] + s_n + [0, M) of each (mode "replace" only: every sequence keeps its length).
