@@ -12,7 +12,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..clip import Slot, clean_classname, tokenize_words
+from ..clip import Slot, clean_classname, decode_words, tokenize_words
 from .base import PromptMethod, ReplaceRows, check_depth, check_tokens, encode_prompted_image, normal_init
 from .text import TextPath, TextPrompts
 
@@ -28,15 +28,9 @@ def first_words_context(clip, n_ctx: int, ctx_init: Optional[str]) -> tuple[nn.P
             raise ValueError(f"ctx_init {ctx_init!r} has {len(ids)} tokens, fewer than n_ctx={n_ctx}")
         with torch.no_grad():
             vectors = clip.token_embeddings(torch.tensor(ids[:n_ctx], device=clip.model.logit_scale.device))
-        rest = " ".join(words.split(" ")[n_ctx:]) if len(ids) == len(words.split(" ")) else _decode(ids[n_ctx:])
+        rest = " ".join(words.split(" ")[n_ctx:]) if len(ids) == len(words.split(" ")) else decode_words(ids[n_ctx:]).strip()
         return nn.Parameter(vectors.detach().clone().cpu()), (" " + rest if rest else "")
     return normal_init((n_ctx, clip.text_width)), ""
-
-
-def _decode(ids) -> str:
-    from open_clip.tokenizer import _tokenizer
-
-    return _tokenizer.decode(ids).strip()
 
 
 class MaPLe(PromptMethod):
