@@ -82,9 +82,11 @@ class PromptMethod(nn.Module):
     def cached_text_features(self, compute) -> Tensor:
         """In eval mode, text features that do not depend on the images are computed once and reused until
         the method goes back to training, loads a state_dict (load_public_checkpoint included), or any of its
-        tensors changes: the cache is keyed on every parameter's and buffer's version counter (bumped by each
-        in-place write: an optimizer step, `with torch.no_grad(): p.copy_(...)`) and storage, so new values
-        always give new logits. (A write through `p.data` bypasses version counters: call `train()` after one.)"""
+        tensors changes: the cache is keyed on the version counter (bumped by each in-place write: an optimizer
+        step, `with torch.no_grad(): p.copy_(...)`) and storage of every parameter and buffer outside the
+        frozen CLIP, so new values always give new logits. (A write through `p.data` bypasses version counters,
+        and CLIP's own weights are not watched, since every evaluation batch would walk its hundreds of tensors:
+        call `train()` or `clear_text_cache()` after changing either.)"""
         if self.training or self.text_depends_on_images or torch.is_grad_enabled():
             return compute()
         key = self._tensor_versions()
@@ -93,7 +95,11 @@ class PromptMethod(nn.Module):
         return self._text_cache
 
     def _tensor_versions(self) -> tuple:
-        return tuple((t._version, t.data_ptr()) for t in (*self.parameters(), *self.buffers()))
+        own = [t for t in (*self._parameters.values(), *self._buffers.values()) if t is not None]
+        for child in self.children():
+            if child is not self.clip:  # what a method trains is never inside it (_drop_clip_keys)
+                own += [*child.parameters(), *child.buffers()]
+        return tuple((t._version, t.data_ptr()) for t in own)
 
     def clear_text_cache(self) -> None:
         self._text_cache = self._text_cache_key = None

@@ -219,6 +219,5 @@ def load_public_checkpoint(method: PromptMethod, source: Union[str, os.PathLike,
         if tuple(mapped[key].shape) != tuple(wanted[key].shape):
             raise ValueError(f"{method.name}: {key} has shape {tuple(mapped[key].shape)} in the checkpoint but "
                              f"{tuple(wanted[key].shape)} in this method (check n_ctx, depth and the CLIP widths)")
-    method.load_state_dict({k: mapped[k].to(wanted[k].dtype) for k in wanted})
-    method.clear_text_cache()
+    method.load_state_dict({k: mapped[k].to(wanted[k].dtype) for k in wanted})  # which clears the text cache
     return sorted(wanted)
