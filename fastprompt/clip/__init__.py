@@ -9,7 +9,7 @@ models.py   creating CLIPs; text.py: token sequences with slots for prompt rows
 
 from .backbone import ClipBackbone
 from .blocks import ClipBlock, UnsupportedModelError, apply_block, block_forward
-from .models import SMALL_CONFIGS, create_clip
+from .models import SMALL_CONFIGS, create_clip, unwrap_state_dict
 from .packed import PackedLayout, make_layout
 from .streams import (IMAGE_SCOPE, NO_HOOKS, TEXT_SCOPE, BlockHooks, Coupling, FullTextStream, ImageStream,
                       PackedTextStream, TextStream, encode_packed, run_blocks, run_towers)
@@ -19,4 +19,4 @@ __all__ = ["apply_block", "BlockHooks", "ClipBackbone", "ClipBlock", "Coupling",
            "ImageStream", "NO_HOOKS", "PackedLayout", "PackedTextStream", "Slot", "SMALL_CONFIGS", "TEXT_SCOPE",
            "TextStream", "TokenizedPrompts", "UnsupportedModelError", "block_forward", "clean_classname",
            "create_clip", "decode_words", "encode_packed", "make_layout", "run_blocks", "run_towers",
-           "tokenize_templates", "tokenize_words"]
+           "tokenize_templates", "tokenize_words", "unwrap_state_dict"]

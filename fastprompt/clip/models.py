@@ -222,6 +222,16 @@ def _is_torchscript(path: str) -> bool:
         return any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in archive.namelist())
 
 
+def unwrap_state_dict(state):
+    """The weights of a saved object: a training checkpoint's "state_dict" entry, or the dict itself, with the
+    "module." prefix of DataParallel / DDP dropped from every key; anything but a dict is returned as it is."""
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        return state
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
 def read_clip_weights(path: str) -> tuple[dict, bool]:
     """The CLIP state_dict of a checkpoint file and whether it is an OpenAI TorchScript archive. Read offline,
     on the CPU; pickles are read with weights_only=True (tensors and plain containers only)."""
@@ -240,11 +250,9 @@ def read_clip_weights(path: str) -> tuple[dict, bool]:
         except Exception as exc:  # an unpicklable object beside the weights, a truncated file, not a checkpoint
             raise CheckpointError(f"cannot read {path} as CLIP weights ({_first_line(exc)})") from exc
         archive = False
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # training checkpoints
-        state = state["state_dict"]
+    state = unwrap_state_dict(state)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} holds no state_dict of tensors (found {type(state).__name__})")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     return {k: v for k, v in state.items() if k not in ARCHIVE_EXTRAS}, archive
 
 

@@ -28,18 +28,13 @@ from typing import Optional, Union
 
 import torch
 
+from ..clip import unwrap_state_dict
 from .base import PromptMethod
 
 WHOLE_MODEL_ROOTS = ("prompt_learner", "image_encoder", "text_encoder", "encoder")
 
 
 # ---- reading ------------------------------------------------------------------------------------
-
-def _unwrap(state) -> dict:
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    # DataParallel / DDP wrappers prefix every key with "module."
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-
 
 def _dassl_file(folder: str, epoch: Optional[int]) -> Optional[str]:
     """The checkpoint of one registered model: model.pth.tar-<epoch>, else model-best.pth.tar, else the last
@@ -62,7 +57,7 @@ def _read_folder(root: str, epoch: Optional[int]) -> dict:
         path = _dassl_file(folder, epoch) if os.path.isdir(folder) else None
         if path is None:
             continue
-        state = _unwrap(torch.load(path, map_location="cpu", weights_only=False))
+        state = unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=False))
         whole = any(k.split(".", 1)[0] in WHOLE_MODEL_ROOTS for k in state)
         merged.update(state if whole else {f"{name}.{k}": v for k, v in state.items()})
     if not merged:
@@ -76,7 +71,7 @@ def _read(source, epoch: Optional[int] = None) -> dict:
         if os.path.isdir(source):
             return _read_folder(str(source), epoch)
         source = torch.load(source, map_location="cpu", weights_only=False)
-    return _unwrap(source)
+    return unwrap_state_dict(source)
 
 
 def _strip(state: dict, prefix: str) -> dict:
