@@ -12,11 +12,11 @@ from .blocks import ClipBlock, UnsupportedModelError, apply_block, block_forward
 from .models import SMALL_CONFIGS, create_clip, unwrap_state_dict
 from .packed import PackedLayout, make_layout
 from .streams import (IMAGE_SCOPE, NO_HOOKS, TEXT_SCOPE, BlockHooks, Coupling, FullTextStream, ImageStream,
-                      PackedTextStream, TextStream, encode_packed, run_blocks, run_towers)
+                      PackedTextStream, TextStream, encode_packed, replace_with_ln, run_blocks, run_towers)
 from .text import Slot, TokenizedPrompts, clean_classname, decode_words, tokenize_templates, tokenize_words
 
 __all__ = ["apply_block", "BlockHooks", "ClipBackbone", "ClipBlock", "Coupling", "FullTextStream", "IMAGE_SCOPE",
            "ImageStream", "NO_HOOKS", "PackedLayout", "PackedTextStream", "Slot", "SMALL_CONFIGS", "TEXT_SCOPE",
            "TextStream", "TokenizedPrompts", "UnsupportedModelError", "block_forward", "clean_classname",
-           "create_clip", "decode_words", "encode_packed", "make_layout", "run_blocks", "run_towers",
-           "tokenize_templates", "tokenize_words", "unwrap_state_dict"]
+           "create_clip", "decode_words", "encode_packed", "make_layout", "replace_with_ln", "run_blocks",
+           "run_towers", "tokenize_templates", "tokenize_words", "unwrap_state_dict"]

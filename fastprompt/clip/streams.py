@@ -101,58 +101,57 @@ class _Stream:
         return self._next_block().ln_1
 
 
-class ImageStream(_Stream):
+def replace_with_ln(x: Tensor, prompts: Tensor, start: Optional[int], ln, backend: str) -> tuple[Tensor, Tensor]:
+    """insert_prompts in replace mode fused with the block's ln_1 → (y, ln_1(y)): prompts ((m, D) shared or
+    (N, m, D)) written at rows [start, start + m) of x (N, L, D); start None: the last m rows."""
+    start = x.shape[1] - prompts.shape[-2] if start is None else start
+    return insert_prompts(x, prompts, start, ln.weight, ln.bias, ln.eps, "replace", backend=backend)
+
+
+class _DenseStream(_Stream):
+    """A tower on whole sequences (N, L, D), its rows read and written in place: the image stream, and the text
+    stream on full context-length sequences (`causal`)."""
+
+    causal = False
+
+    def rows(self, start: Optional[int], m: int) -> Tensor:
+        """Rows [start, start + m) of every sequence (N, m, D); start None: the last m rows."""
+        start = self.x.shape[1] - m if start is None else start
+        return self.x[:, start:start + m]
+
+    def replace(self, rows: Tensor, start: Optional[int] = None) -> None:
+        """Write rows ((m, D) shared or (N, m, D)) at [start, start + m) (None: the last m rows), fused with the
+        next block's ln_1."""
+        self.x, self.x_ln = replace_with_ln(self.x, rows, start, self._next_ln(), self.backend)
+
+    def step(self) -> None:
+        block = self._next_block()
+        with torch.profiler.record_function(tower_scope(self.causal)):
+            self.x = apply_block(block, self.x, causal=self.causal, x_ln=self.x_ln, checkpoint=self.checkpoint)
+        self.x_ln, self.layer = None, self.layer + 1
+
+
+class ImageStream(_DenseStream):
     """The image tower from the stream after ln_pre (B, L, Dv), prompts included."""
 
     def __init__(self, clip, x: Tensor, backend: str = "auto", checkpoint: bool = False):
         super().__init__(clip.vision_blocks, backend, checkpoint)
         self.clip, self.x, self.x_ln = clip, x, None
 
-    def rows(self, start: Optional[int], m: int) -> Tensor:
-        """Rows [start, start + m) of every image (B, m, Dv); start None: the last m rows."""
-        start = self.x.shape[1] - m if start is None else start
-        return self.x[:, start:start + m]
-
-    def replace(self, rows: Tensor, start: Optional[int] = None) -> None:
-        """Write rows ((m, Dv) shared or (B, m, Dv)) at [start, start + m) (None: the last m rows), fused with the
-        next block's ln_1."""
-        start = self.x.shape[1] - rows.shape[-2] if start is None else start
-        ln = self._next_ln()
-        self.x, self.x_ln = insert_prompts(self.x, rows, start, ln.weight, ln.bias, ln.eps, "replace",
-                                           backend=self.backend)
-
-    def step(self) -> None:
-        block = self._next_block()
-        with torch.profiler.record_function(IMAGE_SCOPE):
-            self.x = apply_block(block, self.x, x_ln=self.x_ln, checkpoint=self.checkpoint)
-        self.x_ln, self.layer = None, self.layer + 1
-
     def features(self) -> Tensor:
         return self.clip.image_features(self.x)
 
 
-class FullTextStream(_Stream):
+class FullTextStream(_DenseStream):
     """The text tower on the full context-length sequences (pack_text=False): token embeddings (N, L, Dt) with
     the layer-0 prompts written, and the EOT row of each sequence (N,)."""
+
+    causal = True
 
     def __init__(self, clip, embeddings: Tensor, eot: Tensor, backend: str = "auto", checkpoint: bool = False):
         super().__init__(clip.text_blocks, backend, checkpoint)
         self.clip, self.eot = clip, eot
         self.x, self.x_ln = clip.text_stream(embeddings), None
-
-    def rows(self, start: int, m: int) -> Tensor:
-        return self.x[:, start:start + m]
-
-    def replace(self, rows: Tensor, start: int) -> None:
-        ln = self._next_ln()
-        self.x, self.x_ln = insert_prompts(self.x, rows, start, ln.weight, ln.bias, ln.eps, "replace",
-                                           backend=self.backend)
-
-    def step(self) -> None:
-        block = self._next_block()
-        with torch.profiler.record_function(TEXT_SCOPE):
-            self.x = apply_block(block, self.x, causal=True, x_ln=self.x_ln, checkpoint=self.checkpoint)
-        self.x_ln, self.layer = None, self.layer + 1
 
     def features(self) -> Tensor:
         return self.clip.text_features(self.x, self.eot)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import insert_prompts
-from ..clip import BlockHooks, ClipBackbone
+from ..clip import BlockHooks, ClipBackbone, replace_with_ln
 from .small import SMALL_MODEL_CONFIGS
 
 
@@ -199,13 +199,6 @@ class ReplaceRows(BlockHooks):
         if p is None:
             return x, None
         return replace_with_ln(x, p, self.start, self.blocks[layer].ln_1, self.backend)
-
-
-def replace_with_ln(x: Tensor, prompts: Tensor, start, ln: nn.Module, backend: str):
-    """insert_prompts in replace mode fused with the block's ln_1 → (y, ln_1(y))."""
-    if start is None:
-        start = x.shape[1] - prompts.shape[-2]
-    return insert_prompts(x, prompts, start, ln.weight, ln.bias, ln.eps, "replace", backend=backend)
 
 
 def append_with_ln(x: Tensor, prompts: Tensor, ln: nn.Module, backend: str) -> Tensor:
