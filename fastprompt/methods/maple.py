@@ -28,7 +28,10 @@ def first_words_context(clip, n_ctx: int, ctx_init: Optional[str]) -> tuple[nn.P
             raise ValueError(f"ctx_init {ctx_init!r} has {len(ids)} tokens, fewer than n_ctx={n_ctx}")
         with torch.no_grad():
             vectors = clip.token_embeddings(torch.tensor(ids[:n_ctx], device=clip.model.logit_scale.device))
-        rest = " ".join(words.split(" ")[n_ctx:]) if len(ids) == len(words.split(" ")) else decode_words(ids[n_ctx:]).strip()
+        if len(ids) == len(words.split(" ")):
+            rest = " ".join(words.split(" ")[n_ctx:])
+        else:
+            rest = decode_words(ids[n_ctx:]).strip()
         return nn.Parameter(vectors.detach().clone().cpu()), (" " + rest if rest else "")
     return normal_init((n_ctx, clip.text_width)), ""
 
