@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import ClipBlock, UnsupportedModelError
+from .text import clean_classname
 from .streams import IMAGE_SCOPE, NO_HOOKS, TEXT_SCOPE, BlockHooks, run_blocks  # noqa: F401  (the scopes: also
 # importable from here, where they were first defined)
 
@@ -162,6 +163,16 @@ class ClipBackbone(nn.Module):
     def encode_text(self, tokens: Tensor) -> Tensor:
         """Plain (unprompted) text features, as open_clip's encode_text."""
         return self.encode_text_stream(self.text_stream(self.token_embeddings(tokens)), self.eot_index(tokens))
+
+    def encode_class_names(self, template: str, classnames) -> Tensor:
+        """Frozen, unprompted text features (C, E) of `template` filled with each class name (underscores read
+        as spaces), computed without autograd on the backbone's device: zero-shot CLIP's class features."""
+        import open_clip
+
+        tokens = open_clip.tokenize([template.format(clean_classname(c)) for c in classnames],
+                                    context_length=self.context_length)
+        with torch.no_grad():
+            return self.encode_text(tokens.to(self.model.logit_scale.device))
 
     # ---- image tower ----------------------------------------------------------------------------
     def image_tokens(self, images: Tensor) -> Tensor:

@@ -62,7 +62,6 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -181,10 +180,8 @@ class DPT(PromptMethod):
         self.prompts = TextPrompts(clip, [[Slot("ctx", self.n_ctx), " " + clean_classname(c) + "."]
                                           for c in self.classnames], backend)
         (template,) = check_template(self.name, template)
-        tokens = open_clip.tokenize([template.format(clean_classname(c)) for c in self.classnames],
-                                    context_length=clip.context_length)
-        with torch.no_grad():
-            self.register_buffer("fixed_text_features", clip.encode_text(tokens), persistent=False)
+        self.register_buffer("fixed_text_features", clip.encode_class_names(template, self.classnames),
+                             persistent=False)
 
         # vision: VPT-deep below bottom_limit, one CAVPT per block from bottom_limit on
         # (None when there are none: an empty Parameter would never get a gradient, which DDP rejects)

@@ -22,7 +22,6 @@ import math
 from collections import OrderedDict
 from typing import Iterable, Optional
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -86,10 +85,9 @@ class TMML(PromptMethod):
         self.prompts = TextPrompts(clip, [[Slot("ctx", self.n_ctx), " ".join(["", *words.split(), name]) + "."]
                                           for name in names], backend, shared_rows=1)
         (template,) = check_template(self.name, template)
-        tokens = open_clip.tokenize([template.format(name) for name in names], context_length=clip.context_length)
-        tokens = tokens.to(clip.model.logit_scale.device)
-        with torch.no_grad():  # t_c, frozen: recomputed from the class names, so not in checkpoints
-            self.register_buffer("class_features", F.normalize(clip.encode_text(tokens), dim=-1), persistent=False)
+        # t_c, frozen: recomputed from the class names, so not in checkpoints
+        self.register_buffer("class_features", F.normalize(clip.encode_class_names(template, names), dim=-1),
+                             persistent=False)
 
     def image_side(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """The frozen, unprompted image tower without autograd: normalised f_b (B, E) and P_b (B, P, E)."""

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import open_clip
-import torch
 from torch import Tensor
 
-from ..clip import clean_classname
 from .base import PromptMethod, check_depth, check_tokens, encode_prompted_image, normal_init
 
 
@@ -28,10 +25,8 @@ class VPTDeep(PromptMethod):
         check_tokens(self.name, n_ctx=n_ctx)
         self.depth, self.checkpoint_image = depth, checkpoint_image
         self.visual_prompts = normal_init((depth, n_ctx, self.clip.vision_width))
-        tokens = open_clip.tokenize([template.format(clean_classname(c)) for c in self.classnames],
-                                    context_length=self.clip.context_length)
-        with torch.no_grad():
-            self.register_buffer("fixed_text_features", self.clip.encode_text(tokens), persistent=False)
+        self.register_buffer("fixed_text_features", self.clip.encode_class_names(template, self.classnames),
+                             persistent=False)
 
     def image_features(self, images: Tensor) -> Tensor:
         deep = {layer: self.visual_prompts[layer] for layer in range(1, self.depth)}

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence, Union
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..clip import clean_classname
 from .base import PromptMethod
 from .templates import DEFAULT_TEMPLATE, check_template
 
@@ -30,13 +28,7 @@ class ZeroShotCLIP(PromptMethod):
                  template: Union[str, Sequence[str]] = DEFAULT_TEMPLATE, backend: str = "auto"):
         super().__init__(clip_model, classnames, backend)
         self.templates = check_template(self.name, template, ensemble=True)
-        clip = self.clip
-        features = []
-        with torch.no_grad():
-            for t in self.templates:
-                tokens = open_clip.tokenize([t.format(clean_classname(c)) for c in self.classnames],
-                                            context_length=clip.context_length)
-                features.append(F.normalize(clip.encode_text(tokens.to(clip.model.logit_scale.device)), dim=-1))
+        features = [F.normalize(self.clip.encode_class_names(t, self.classnames), dim=-1) for t in self.templates]
         # (C, E), normalised; recomputed from the class names, so not in checkpoints
         self.register_buffer("text_features", F.normalize(torch.stack(features).mean(0), dim=-1), persistent=False)
 
