@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..clip import Slot, clean_classname
 from .base import PromptMethod, check_tokens
-from .text import TextPath, TextPrompts, context_init
+from .text import TextPath, TextPrompts, after_context, context_init
 
 
 class CoCoOp(PromptMethod):
@@ -41,7 +41,7 @@ class CoCoOp(PromptMethod):
             ("linear2", nn.Linear(vis_dim // 16, self.clip.text_width)),
         ]))
         self.text_path = TextPath(class_chunk, checkpoint_text, pack_text, prefix_reuse)
-        templates = [[Slot("ctx", self.n_ctx), " ".join(["", *words.split(), clean_classname(c)]) + "."]
+        templates = [[Slot("ctx", self.n_ctx), after_context(words, clean_classname(c))]
                      for c in self.classnames]
         self.prompts = TextPrompts(self.clip, templates, backend)
 

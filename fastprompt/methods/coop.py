@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..clip import Slot, clean_classname
 from .base import PromptMethod, check_tokens
-from .text import TextPath, TextPrompts, context_init  # noqa: F401  (TextPrompts, context_init: re-exported)
+from .text import TextPath, TextPrompts, after_context, context_init
 
 POSITIONS = ("end", "middle", "front")
 
@@ -47,7 +47,7 @@ class CoOp(PromptMethod):
         names = [clean_classname(c) for c in self.classnames]
         half = self.n_ctx // 2
         if class_token_position == "end":
-            templates = [[Slot("ctx", self.n_ctx), " ".join(["", *words.split(), name]) + "."] for name in names]
+            templates = [[Slot("ctx", self.n_ctx), after_context(words, name)] for name in names]
         elif class_token_position == "front":
             templates = [[name, Slot("ctx", self.n_ctx), "."] for name in names]
         else:

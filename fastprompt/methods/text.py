@@ -164,3 +164,9 @@ def context_init(clip, n_ctx: int, ctx_init: Optional[str], shape_prefix=()) -> 
         vectors = clip.token_embeddings(torch.tensor(ids[:n], device=clip.model.logit_scale.device))
     vectors = vectors.detach().clone().cpu().expand(*shape_prefix, n, vectors.shape[-1]).clone()
     return nn.Parameter(vectors), n, rest
+
+
+def after_context(words: str, name: str) -> str:
+    """The text after the context in a prompt with the class at the end: the fixed words a ctx_init leaves
+    (context_init), the class name and a full stop, each after a space."""
+    return " ".join(["", *words.split(), name]) + "."

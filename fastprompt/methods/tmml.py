@@ -30,7 +30,7 @@ from ..ops import insert_prompts
 from ..clip import Slot, clean_classname, run_blocks
 from .base import PromptMethod
 from .templates import DEFAULT_TEMPLATE, check_template
-from .text import TextPath, TextPrompts, context_init
+from .text import TextPath, TextPrompts, after_context, context_init
 from .distributed import gather_rows
 
 
@@ -82,7 +82,7 @@ class TMML(PromptMethod):
         names = [clean_classname(c) for c in self.classnames]
         # the context comes first, so its slot is row 1 of every class: one int offset for all B·C sequences
         # every (image, class) sequence has its own context: only SOS is shared
-        self.prompts = TextPrompts(clip, [[Slot("ctx", self.n_ctx), " ".join(["", *words.split(), name]) + "."]
+        self.prompts = TextPrompts(clip, [[Slot("ctx", self.n_ctx), after_context(words, name)]
                                           for name in names], backend, shared_rows=1)
         (template,) = check_template(self.name, template)
         # t_c, frozen: recomputed from the class names, so not in checkpoints
