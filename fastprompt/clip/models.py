@@ -150,9 +150,10 @@ def _from_name(name: str, tag: Optional[str], quick_gelu: Optional[bool]) -> tor
     if tag_config:  # open_clip's table says how the tag's weights were trained
         quick = _resolve_activation(bool(tag_config.get("quick_gelu", False)), f"the pretrained tag {tag!r}",
                                     quick_gelu, name)
-    else:  # random weights (or a tag open_clip does not know, which it refuses below)
-        stated = [v for v in (quick_gelu, name_states_quick_gelu(name)) if v is not None]
-        quick = _resolve_activation(stated[0] if stated else False, "random weights", quick_gelu, name)
+    else:  # random weights (or a tag open_clip does not know, which it refuses below) state no activation:
+        # GELU, open_clip's default, unless the name or the caller states one (and they agree)
+        stated = quick_gelu is not None or name_states_quick_gelu(name)
+        quick = _resolve_activation(None, "random weights", quick_gelu, name) if stated else False
     try:
         return open_clip.create_model(name, pretrained=tag, force_quick_gelu=quick)
     except RuntimeError as exc:
