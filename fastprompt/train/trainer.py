@@ -14,7 +14,8 @@ run never stopped, and a wall clock that continues.
 Ctrl-C (SIGINT) stops a run cleanly: the step in progress finishes, a checkpoint is saved at that step (also in
 the middle of an epoch; in an evaluation, at the end of the epoch's training, so that the resume evaluates it)
 and fit() raises TrainingInterrupted, which `fastprompt train` turns into one line naming the checkpoint and the
-command that resumes it (exit status 130). A second Ctrl-C stops at once, without saving. A loss that is not
+command that resumes it (exit status 130). A second Ctrl-C stops at once, without saving (unless it lands
+while a batch loads, where no step is half done: the run is then saved as for the first). A loss that is not
 finite stops the run with TrainingDiverged naming the step; nothing of that step is saved.
 
 What that leaves to chance is the order of floating-point reductions in kernels that choose it at run time
@@ -52,10 +53,10 @@ from .metrics import MetricsLog, read_metrics
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped the run at `step`, saved in `checkpoint` (None: a second Ctrl-C, nothing saved since the
-    last checkpoint, at `step`). `position` says where in the run that is, for people."""
+    """Ctrl-C stopped the run at `step`, saved in `checkpoint`. `position` says where in the run that is, for
+    people."""
 
-    def __init__(self, step: int, position: str, checkpoint: Optional[str]):
+    def __init__(self, step: int, position: str, checkpoint: str):
         super().__init__(f"interrupted at step {step} ({position})")
         self.step, self.position, self.checkpoint = step, position, checkpoint
 
@@ -433,8 +434,9 @@ class Trainer:
     @contextlib.contextmanager
     def _stop_on_sigint(self):
         """During fit(), the first SIGINT asks the loop to stop at the end of the step in progress; a second
-        one raises KeyboardInterrupt where it lands. The process's own handler is restored afterwards. Signal
-        handlers belong to the main thread: elsewhere nothing changes."""
+        one raises KeyboardInterrupt where it lands (while a batch loads, _next_batch takes it as the first).
+        The process's own handler is restored afterwards. Signal handlers belong to the main thread: elsewhere
+        nothing changes."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
