@@ -47,7 +47,7 @@ from fastprompt.clip.blocks import ClipBlock  # noqa: E402
 from fastprompt.clip.packed import (  # noqa: E402
     PackedLayout, block_row_choices, make_layout, packed_attention, padded, unpadded)
 from peak_memory import measured  # noqa: E402
-from train_step_figures import PER_IMAGE_TEXT, ROWS, report  # noqa: E402
+from train_step_figures import PER_IMAGE_TEXT, ROWS, Run, report, seconds  # noqa: E402
 
 LOSS_RTOL = 1e-5
 MB = 2 ** 20
@@ -90,15 +90,6 @@ def attention(name: str):
         streams.packed_block = kept
 
 
-class Run:
-    """One row with one attention: its training step and what was measured."""
-
-    def __init__(self, row, attention_name, method, batch, step, loss):
-        self.row, self.attention, self.method, self.batch, self.step, self.loss = (
-            row, attention_name, method, batch, step, loss)
-        self.peak_bytes, self.times, self.cpu_times = 0, [], []
-
-
 def _step(method, optimizer, images, labels, attention_name):
     def step():
         with attention(attention_name):
@@ -130,40 +121,39 @@ def build(model_name, clip_model, classes, rows, batch, bc_batch, device, seed) 
             with torch.no_grad(), attention(a):
                 loss = float(method.loss(images, labels))
             optimizer = torch.optim.SGD(method.trainable_parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+            # train_step_figures' Run, its path the attention
             runs.append(Run(row, a, method, b, _step(method, optimizer, images, labels, a), loss))
     return runs
 
 
-def _seconds(step, device) -> tuple[float, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0, c0 = time.perf_counter(), time.process_time()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0, time.process_time() - c0
+def _check_classes(classes: int) -> None:
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    if not 1 <= classes <= len(IMAGENET_CLASSNAMES):
+        raise ValueError(f"--classes takes 1 to {len(IMAGENET_CLASSNAMES)} ImageNet class names, got {classes}")
 
 
 def measure(model_name="ViT-B-16", rows=("coop",), classes=100, batch=4, bc_batch=1, rounds=3, device=None, seed=0,
             clip_model=None, log=None) -> dict:
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    _check_classes(classes)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     load = os.getloadavg()[0]
     clip_model = clip_model or create_clip(model_name, device=device)
     runs = build(model_name, clip_model, classes, rows, batch, bc_batch, device, seed)
     for run in runs:
-        t, _ = _seconds(run.step, device)  # warm-up
+        t, _ = seconds(run.step, device)  # warm-up
         gc.collect()
-        with measured(device, profile=True) as m:
+        with measured(device) as m:
             run.step()
         run.peak_bytes = m.peak_bytes
-        log(f"C = {classes} {run.row} {run.attention}: warm-up {t:.2f} s, peak {run.peak_bytes / MB:.0f} MB")
+        log(f"C = {classes} {run.row} {run.path}: warm-up {t:.2f} s, peak {run.peak_bytes / MB:.0f} MB")
     for r in range(rounds):
         for run in runs:
-            wall, cpu = _seconds(run.step, device)
+            wall, cpu = seconds(run.step, device)
             run.times.append(wall)
             run.cpu_times.append(cpu)
-        log(f"round {r + 1}/{rounds}: " + ", ".join(f"{run.row} {run.attention} {run.times[-1]:.2f} s" for run in runs))
+        log(f"round {r + 1}/{rounds}: " + ", ".join(f"{run.row} {run.path} {run.times[-1]:.2f} s" for run in runs))
     return dict(runs=runs, model=model_name, device=device, classes=classes, batch=batch, bc_batch=bc_batch,
                 rounds=rounds, threads=torch.get_num_threads(), load=load, clip_model=clip_model)
 
@@ -174,6 +164,7 @@ def attention_sweep(model_name="ViT-B-16", rows=("coop",), classes=1000, batch=4
     at each row's packed layout: before, and after at every block size make_layout weighs (block_row_choices;
     `default` marks its choice). Medians of `rounds` calls interleaved across the variants. prefix_reuse=False:
     the layouts without a shared prefix (the methods' option of that name)."""
+    _check_classes(classes)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     clip_model = clip_model or create_clip(model_name, device=device)
     small = methods.SMALL_MODEL_CONFIGS if model_name in SMALL_CONFIGS else {}
@@ -194,6 +185,7 @@ def attention_sweep(model_name="ViT-B-16", rows=("coop",), classes=1000, batch=4
         layouts = {("before", None): default}
         layouts.update({("after", bq): make_layout(eot, length, prefix, block_rows=bq)
                         for bq in block_row_choices(default.max_suffix)})
+        layouts = {key: layout.to(device) for key, layout in layouts.items()}  # not inside the timed calls
         g = torch.Generator().manual_seed(seed)
         qkv = [torch.randn(default.total, d, generator=g).to(device) for _ in range(3)]
         kv = [torch.randn(1, heads, prefix, d // heads, generator=g).to(device) for _ in range(2)] if prefix else []
@@ -201,7 +193,7 @@ def attention_sweep(model_name="ViT-B-16", rows=("coop",), classes=1000, batch=4
         def call(variant, layout):
             leaves = [t.clone().requires_grad_() for t in qkv + kv]
             fn = padded_attention if variant == "before" else packed_attention
-            out = fn(*leaves[:3], heads, layout.to(device), tuple(leaves[3:]) or None)
+            out = fn(*leaves[:3], heads, layout, tuple(leaves[3:]) or None)
             out.backward(torch.ones_like(out))
 
         times = {key: [] for key in layouts}
@@ -209,14 +201,13 @@ def attention_sweep(model_name="ViT-B-16", rows=("coop",), classes=1000, batch=4
             call(key[0], layout)  # warm-up
         for _ in range(rounds):
             for key, layout in layouts.items():
-                times[key].append(_seconds(lambda: call(key[0], layout), device)[1 if device.type == "cpu" else 0])
+                times[key].append(seconds(lambda: call(key[0], layout), device)[1 if device.type == "cpu" else 0])
         for (variant, bq), layout in layouts.items():
-            slots = layout.total if variant == "before" else layout.slot_token.numel()
-            padded_slots = layout.pad_index.numel() if variant == "before" else slots
+            slots = layout.pad_index.numel() if variant == "before" else layout.slot_token.numel()
             found.append(dict(method=row, classes=classes, prefix=prefix, sequences=eot.shape[0], tokens=layout.total,
-                              max_suffix=layout.max_suffix, attention=variant, block_rows=bq, slots=padded_slots,
+                              max_suffix=layout.max_suffix, attention=variant, block_rows=bq, slots=slots,
                               default=variant == "after" and bq == default.block_rows,
-                              ms=1000 * _median(times[variant, bq])))
+                              ms=1000 * statistics.median(times[variant, bq])))
     return dict(rows=found, model=model_name, device=device, rounds=rounds, threads=torch.get_num_threads(),
                 load=os.getloadavg()[0], clip_model=clip_model)
 
@@ -234,39 +225,35 @@ def sweep_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _median(xs) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
 def _loss_error(runs, row) -> float:
-    before, after = (next(r for r in runs if r.row == row and r.attention == a) for a in ATTENTIONS)
+    before, after = (next(r for r in runs if r.row == row and r.path == a) for a in ATTENTIONS)
     return abs(after.loss - before.loss) / max(abs(before.loss), 1e-12)
 
 
 def table(r: dict) -> str:
-    runs = r["runs"]
+    runs, cpu = r["runs"], r["device"].type == "cpu"
     lines = [f"training step with the packed attention before and after, {r['model']} (random weights), fp32, "
              f"{r['device'].type} ({r['threads']} threads, load average {r['load']:.1f} at the start), C = "
              f"{r['classes']} ImageNet class names, batch {r['batch']} (cocoop, tmml: {r['bc_batch']}); medians of "
              f"{r['rounds']} interleaved steps ({time.strftime('%Y-%m-%d')}, torch {torch.__version__})", "",
-             "| method | attention | step s | CPU s | peak MB | time after ÷ before (CPU) | peak after ÷ before "
-             "| loss |", "|---|---|---|---|---|---|---|---|"]
-    by = {(run.row, run.attention): run for run in runs}
+             f"| method | attention | step s | CPU s | peak MB | time after ÷ before ({'CPU' if cpu else 'wall'}) | "
+             "peak after ÷ before | loss |", "|---|---|---|---|---|---|---|---|"]
+    by = {(run.row, run.path): run for run in runs}
     for run in runs:
         ratio = ["—", "—"]
-        if run.attention == "after":
+        if run.path == "after":
             before = by[run.row, "before"]
-            ratio = [f"{_median(run.cpu_times) / _median(before.cpu_times):.2f}",
-                     f"{run.peak_bytes / max(before.peak_bytes, 1):.2f}"]
-        loss = f"{run.loss:.6f}" + (f" (Δ {_loss_error(runs, run.row):.0e})" if run.attention == "after" else "")
-        lines.append(f"| {run.row} | {run.attention} | {_median(run.times):.3g} | {_median(run.cpu_times):.3g} | "
+            time_ratio = run.cpu_s / before.cpu_s if cpu else run.step_s / before.step_s  # CPU s leave out others
+            ratio = [f"{time_ratio:.2f}", f"{run.peak_bytes / max(before.peak_bytes, 1):.2f}"]
+        loss = f"{run.loss:.6f}" + (f" (Δ {_loss_error(runs, run.row):.0e})" if run.path == "after" else "")
+        lines.append(f"| {run.row} | {run.path} | {run.step_s:.3g} | {run.cpu_s:.3g} | "
                      f"{run.peak_bytes / MB:,.0f} | {ratio[0]} | {ratio[1]} | {loss} |")
     return "\n".join(lines)
 
 
 def json_line(results: list) -> str:
-    rows = [dict(method=run.row, attention=run.attention, classes=r["classes"], batch=run.batch,
-                 step_s=_median(run.times), cpu_s=_median(run.cpu_times), peak_mb=run.peak_bytes / MB,
+    rows = [dict(method=run.row, attention=run.path, classes=r["classes"], batch=run.batch,
+                 step_s=run.step_s, cpu_s=run.cpu_s, peak_mb=run.peak_bytes / MB,
                  loss=run.loss, model=r["model"], device=str(r["device"]))
             for r in results for run in r["runs"]]
     return json.dumps({"rows": rows})

@@ -49,3 +49,13 @@ def test_the_attention_before_is_the_attention_after():
     for prefix in (kv, None):
         want = packed_attention(q, k, v, 3, layout, prefix)
         torch.testing.assert_close(figures.padded_attention(q, k, v, 3, layout, prefix), want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_loss_check_fails_when_the_attentions_differ(monkeypatch, capsys):
+    """The script compares the two attentions' losses: one that drops the prefix's keys makes it fail."""
+    def wrong(block, x, layout, x_ln=None, prefix_kv=None):
+        return figures.padded_packed_block(block, x, layout, x_ln, None)
+
+    monkeypatch.setitem(figures.ATTENTIONS, "before", wrong)
+    assert figures.main(TINY + ["--methods", "coop"]) == 1
+    assert "loss check FAILED for [(5, 'coop')]" in capsys.readouterr().err

@@ -191,7 +191,7 @@ def build_runs(model_name, clip_model, classnames, rows, batch, bc_batch, device
     return runs
 
 
-def _seconds(step, device) -> tuple[float, float]:
+def seconds(step, device) -> tuple[float, float]:
     """Wall-clock and process CPU seconds of one call. On a CPU with one thread the two agree on an idle
     machine; on a shared one the CPU seconds leave out the time other processes held the core."""
     _sync(device)
@@ -223,7 +223,7 @@ def measure(model_name="ViT-B-16", rows=None, classes=200, batch=4, bc_batch=1, 
                       precision, paths, options or {}, seed, log)
     for run in runs:
         with FlopCounterMode(display=False) as counter:  # the first step: warm-up, and the FLOPs it runs
-            t, _ = _seconds(run.step, device)
+            t, _ = seconds(run.step, device)
         run.flops = counter.get_total_flops()
         for _ in range(warmup - 1):
             run.step()
@@ -235,7 +235,7 @@ def measure(model_name="ViT-B-16", rows=None, classes=200, batch=4, bc_batch=1, 
         log(f"{run.row} {run.path}: warm-up {t:.2f} s, {run.flops / 1e9:.1f} GFLOP, peak {run.peak_bytes / MB:.0f} MB")
     for r in range(rounds):
         for run in runs:
-            wall, cpu = _seconds(run.step, device)
+            wall, cpu = seconds(run.step, device)
             run.times.append(wall)
             run.cpu_times.append(cpu)
         log(f"round {r + 1}/{rounds}: " + ", ".join(f"{run.row} {run.path} {run.times[-1]:.2f} s" for run in runs))
