@@ -163,6 +163,23 @@ def _starts_arg(starts: Optional[Tensor], x: Tensor) -> Tensor:
     return starts if starts is not None else x  # a placeholder pointer when HAS_STARTS is False
 
 
+def prompt_strides(prompts: Tensor) -> tuple[int, int, int]:
+    """The prompts' strides per sequence, row and column: shared prompts (m, D) repeat for every sequence."""
+    return (0, *prompts.stride()) if prompts.dim() == 2 else prompts.stride()
+
+
+def finish_backward(dp: Tensor, prompts: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                    dw_part: Tensor, db_part: Tensor, has_dyln: bool) -> tuple[Tensor, list[Tensor]]:
+    """dprompts and the LayerNorm's gradients from what a backward kernel wrote: shared prompts' gradient is
+    one fp32 block per sequence, summed here; the LayerNorm's, one fp32 row per program (zero without dy_ln)."""
+    dprompts = dp.sum(0).to(prompts.dtype) if prompts.dim() == 2 else dp
+    ln_grads = []
+    for param, part in ((ln_weight, dw_part), (ln_bias, db_part)):
+        if param is not None:
+            ln_grads.append(part.sum(0).to(param.dtype) if has_dyln else torch.zeros_like(param))
+    return dprompts, ln_grads
+
+
 def insert_prompts_fwd(x: Tensor, prompts: Tensor, start: int, starts: Optional[Tensor], ln_weight: Optional[Tensor],
                        ln_bias: Optional[Tensor], eps: float, mode: str) -> tuple[Tensor, Tensor, list[Tensor]]:
     n, length, d = x.shape
@@ -176,12 +193,11 @@ def insert_prompts_fwd(x: Tensor, prompts: Tensor, start: int, starts: Optional[
     else:  # the kernel writes none of them; y stands in as their (unused) pointer
         y_ln, mean, rstd = x.new_empty(0), y, y
     shared = prompts.dim() == 2
-    spn, spm, spd = (0, *prompts.stride()) if shared else prompts.stride()
     cfg = config(d)
     _insert_fwd_kernel[(n, triton.cdiv(l_out, cfg.block_r))](
         x, prompts, _starts_arg(starts, x), ln_weight if ln_weight is not None else x,
         ln_bias if ln_bias is not None else x, y, y_ln if has_ln else y, mean, rstd,
-        start, length, m, d, l_out, eps, *x.stride(), spn, spm, spd,
+        start, length, m, d, l_out, eps, *x.stride(), *prompt_strides(prompts),
         HAS_STARTS=starts is not None, INSERT=mode == "insert", SHARED=shared, HAS_LN=has_ln,
         HAS_W=ln_weight is not None, HAS_B=ln_bias is not None, BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps)
@@ -201,27 +217,21 @@ def insert_prompts_bwd(grad_y: Optional[Tensor], grad_y_ln: Optional[Tensor], x:
     n_tiles = n * triton.cdiv(l_out, cfg.block_r)
     grid = max(1, min(n_tiles, cfg.programs_per_sm * sm_count(x.device)))
     dx = empty(n, length, d, like=x)
-    # shared prompts: one fp32 row block per sequence, summed below; per-sample: written in place
+    # shared prompts: one fp32 row block per sequence, summed by finish_backward; per-sample: written in place
     dp = empty(n, m, d, like=x, dtype=torch.float32) if shared else empty(n, m, d, like=prompts)
     dw_part = empty(grid, d, like=x, dtype=torch.float32) if has_dyln else dx  # dx: an unused pointer
     db_part = empty(grid, d, like=x, dtype=torch.float32) if has_dyln else dx
     mean, rstd = saved if has_ln else (x, x)
     sdy = grad_y.stride() if grad_y is not None else (0, 0, 0)
     sdln = grad_y_ln.stride() if has_dyln else (0, 0, 0)
-    spn, spm, spd = (0, *prompts.stride()) if shared else prompts.stride()
     _insert_bwd_kernel[(grid,)](
         x, prompts, _starts_arg(starts, x), ln_weight if ln_weight is not None else x, mean, rstd,
         grad_y if grad_y is not None else x, grad_y_ln if has_dyln else x, dx, dp, dw_part, db_part,
-        start, n, length, m, d, l_out, *x.stride(), spn, spm, spd, *sdy, *sdln,
+        start, n, length, m, d, l_out, *x.stride(), *prompt_strides(prompts), *sdy, *sdln,
         HAS_STARTS=starts is not None, INSERT=mode == "insert", SHARED=shared, HAS_DY=grad_y is not None,
         HAS_DYLN=has_dyln, HAS_W=ln_weight is not None, BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps)
-    dprompts = dp.sum(0).to(prompts.dtype) if shared else dp
-    ln_grads = []
-    for param, part in ((ln_weight, dw_part), (ln_bias, db_part)):
-        if param is not None:
-            ln_grads.append(part.sum(0).to(param.dtype) if has_dyln else torch.zeros_like(param))
-    return dx, dprompts, ln_grads
+    return (dx, *finish_backward(dp, prompts, ln_weight, ln_bias, dw_part, db_part, has_dyln))
 
 
 def supports(problem: dict) -> Optional[str]:

@@ -28,7 +28,7 @@ from fastprompt.ops.insert_prompts_packed import INSERT_PROMPTS_PACKED
 from fastprompt.ops.outputs import empty
 
 from ._common import implement, ln_backward_rows, sm_count, store_rows_and_layer_norm
-from .insert_prompts import config, supports
+from .insert_prompts import config, finish_backward, prompt_strides, supports
 
 
 @triton.jit
@@ -134,10 +134,6 @@ def _search_steps(n: int) -> int:
     return (n - 1).bit_length()
 
 
-def _prompt_strides(prompts: Tensor) -> tuple[int, int, int]:
-    return (0, *prompts.stride()) if prompts.dim() == 2 else prompts.stride()
-
-
 def insert_prompts_packed_fwd(x: Tensor, prompts: Tensor, cu_seqlens: Tensor, start: int, starts: Optional[Tensor],
                               ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float
                               ) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -155,7 +151,7 @@ def insert_prompts_packed_fwd(x: Tensor, prompts: Tensor, cu_seqlens: Tensor, st
         x, prompts, cu_seqlens, starts if starts is not None else cu_seqlens,
         ln_weight if ln_weight is not None else x, ln_bias if ln_bias is not None else x,
         y, y_ln if has_ln else y, mean, rstd, start, total, n, m, d, _search_steps(n), eps,
-        *x.stride(), *_prompt_strides(prompts),
+        *x.stride(), *prompt_strides(prompts),
         HAS_STARTS=starts is not None, HAS_LN=has_ln, HAS_W=ln_weight is not None, HAS_B=ln_bias is not None,
         BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps)
     return y, y_ln, ([mean, rstd] if has_ln else [])
@@ -173,7 +169,7 @@ def insert_prompts_packed_bwd(grad_y: Optional[Tensor], grad_y_ln: Optional[Tens
     cfg = config(d, backward=True)
     grid = max(1, min(triton.cdiv(total, cfg.block_r), cfg.programs_per_sm * sm_count(x.device)))
     dx = empty(total, d, like=x)
-    # shared prompts: one fp32 row block per sequence, summed below; per-sample: written in place
+    # shared prompts: one fp32 row block per sequence, summed by finish_backward; per-sample: written in place
     dp = empty(n, m, d, like=x, dtype=torch.float32) if shared else empty(n, m, d, like=prompts)
     dw_part = empty(grid, d, like=x, dtype=torch.float32) if has_dyln else dx  # dx: an unused pointer
     db_part = empty(grid, d, like=x, dtype=torch.float32) if has_dyln else dx
@@ -184,15 +180,10 @@ def insert_prompts_packed_bwd(grad_y: Optional[Tensor], grad_y_ln: Optional[Tens
         x, prompts, cu_seqlens, starts if starts is not None else cu_seqlens,
         ln_weight if ln_weight is not None else x, mean, rstd, grad_y if grad_y is not None else x,
         grad_y_ln if has_dyln else x, dx, dp, dw_part, db_part,
-        start, total, n, m, d, _search_steps(n), *x.stride(), *_prompt_strides(prompts), *sdy, *sdln,
+        start, total, n, m, d, _search_steps(n), *x.stride(), *prompt_strides(prompts), *sdy, *sdln,
         HAS_STARTS=starts is not None, HAS_DY=grad_y is not None, HAS_DYLN=has_dyln, HAS_W=ln_weight is not None,
         BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps)
-    dprompts = dp.sum(0).to(prompts.dtype) if shared else dp
-    ln_grads = []
-    for param, part in ((ln_weight, dw_part), (ln_bias, db_part)):
-        if param is not None:
-            ln_grads.append(part.sum(0).to(param.dtype) if has_dyln else torch.zeros_like(param))
-    return dx, dprompts, ln_grads
+    return (dx, *finish_backward(dp, prompts, ln_weight, ln_bias, dw_part, db_part, has_dyln))
 
 
 implement(INSERT_PROMPTS_PACKED, insert_prompts_packed_fwd, insert_prompts_packed_bwd, supports)
