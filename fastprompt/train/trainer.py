@@ -534,9 +534,11 @@ class Trainer:
                     loss.backward()
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                accuracy = (logits.argmax(-1) == labels).float().mean().item() * 100
-                # one collective per step under DDP: the means, and whether any rank was asked to stop
-                loss_v, acc_v, stop = self._mean_over_ranks(loss.item(), accuracy, float(self._stop_requested))
+                # one device-to-host copy per step, and under DDP one collective: the means, and whether any
+                # rank was asked to stop
+                loss_v, accuracy = torch.stack([loss.detach().float(),
+                                                (logits.argmax(-1) == labels).float().mean() * 100]).tolist()
+                loss_v, acc_v, stop = self._mean_over_ranks(loss_v, accuracy, float(self._stop_requested))
                 if not math.isfinite(loss_v):
                     raise TrainingDiverged(
                         f"the training loss is {loss_v} at step {self.step + 1} ({self.position(epoch, batches)}): "
